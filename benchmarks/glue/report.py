@@ -1,0 +1,144 @@
+"""Summaries of the run JSONs in an output folder: a Markdown table (mean ± std over seeds) and two plots."""
+
+import json
+import re
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+_RUN_KEYS = {"task", "method", "seed", "metrics", "trainable_params"}
+
+
+def load_results(output_dir) -> list[dict]:
+    """Every run record (JSON with task, method, seed, metrics, ...) in ``output_dir``."""
+    results = []
+    for path in sorted(Path(output_dir).glob("*.json")):
+        record = json.loads(path.read_text())
+        if isinstance(record, dict) and _RUN_KEYS <= record.keys():
+            results.append(record)
+    return results
+
+
+def _groups(results: list[dict]) -> dict:
+    """(task label, method) -> runs sorted by seed, in first-seen order."""
+    groups = defaultdict(list)
+    for r in results:
+        label = r["task"] if r.get("dataset", "glue") == "glue" else f"{r['task']} [{r['dataset']}]"
+        groups[(label, r["method"])].append(r)
+    return {k: sorted(v, key=lambda r: r["seed"]) for k, v in groups.items()}
+
+
+def _mean_std(values) -> tuple:
+    values = np.asarray([v for v in values if v is not None], dtype=float)
+    if values.size == 0:
+        return float("nan"), float("nan")
+    return float(values.mean()), float(values.std(ddof=1)) if values.size > 1 else 0.0
+
+
+def _fmt(values, scale: float = 100.0) -> str:
+    mean, std = _mean_std(values)
+    return f"{mean * scale:.2f}" if len(values) < 2 else f"{mean * scale:.2f} ± {std * scale:.2f}"
+
+
+def _count(n: float) -> str:
+    return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}K"
+
+
+def markdown_table(results: list[dict]) -> str:
+    """One row per task and method; scores ×100 as in the papers' tables."""
+    lines = ["| Task | Method | Seeds | Score (×100) | All metrics (×100) | Trainable params | Train s "
+             "| Peak MiB |", "|---|---|---|---|---|---|---|---|"]
+    for (task, method), runs in _groups(results).items():
+        names = list(runs[0]["metrics"])
+        main = runs[0].get("main_metric", names[0])
+        metrics = "; ".join(f"{n} {_fmt([r['metrics'][n] for r in runs])}" for n in names)
+        params = _count(_mean_std([r["trainable_params"] for r in runs])[0])
+        seconds = _mean_std([r.get("train_seconds") for r in runs])[0]
+        memory = _mean_std([r.get("peak_memory_mb") for r in runs])[0]
+        score = _fmt([r["metrics"][main] for r in runs])
+        lines.append(f"| {task} | {method} | {len(runs)} | {main} {score} | {metrics} | {params} | "
+                     f"{seconds:.0f} | {memory:.0f} |")
+    return "\n".join(lines)
+
+
+def _short(module: str) -> str:
+    """``...deberta.encoder.layer.3.attention.self.query_proj`` -> ``3.attention.self.query_proj``."""
+    return re.sub(r"^.*?\.layers?\.", "", module)
+
+
+def plot_rank_evolution(results: list[dict], output_dir) -> list[Path]:
+    """Per task and rank-adaptive method (first seed): each module's rank over training, active params."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for (task, method), runs in _groups(results).items():
+        history = runs[0].get("rank_history")
+        if not history:
+            continue
+        modules = list(history[-1]["ranks"])
+        steps = [h["step"] for h in history]
+        # (modules, records): the largest mode rank of each module (modes agree for matrix adapters)
+        grid = np.array([[max(h["ranks"].get(m, [0])) for h in history] for m in modules], dtype=float)
+        fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 3 + 0.12 * len(modules)), sharex=True,
+                                          gridspec_kw={"height_ratios": [4, 1]})
+        edges = np.array(steps + [steps[-1] + max(1, steps[-1] - steps[-2]) if len(steps) > 1 else 1], float)
+        mesh = top.pcolormesh(edges, np.arange(len(modules) + 1), grid, cmap="viridis", shading="flat")
+        top.set_yticks(np.arange(len(modules)) + 0.5, [_short(m) for m in modules], fontsize=5)
+        top.invert_yaxis()
+        top.set_title(f"{task} · {method} · seed {runs[0]['seed']}: rank per module over training")
+        fig.colorbar(mesh, ax=top, label="rank")
+        bottom.plot(steps, [h["active_params"] for h in history])
+        bottom.set_xlabel("optimizer step")
+        bottom.set_ylabel("active params")
+        fig.tight_layout()
+        path = Path(output_dir) / f"ranks_{re.sub(r'[^A-Za-z0-9]+', '_', task)}_{method}.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def plot_score_vs_params(results: list[dict], output_dir) -> Path | None:
+    """Main score (mean ± std over seeds) against trainable parameters, one panel per task."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = _groups(results)
+    tasks = list(dict.fromkeys(task for task, _ in groups))
+    if not tasks:
+        return None
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 3.6), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        for (t, method), runs in groups.items():
+            if t != task:
+                continue
+            main = runs[0].get("main_metric", next(iter(runs[0]["metrics"])))
+            x, dx = _mean_std([r["trainable_params"] for r in runs])
+            y, dy = _mean_std([r["metrics"][main] for r in runs])
+            ax.errorbar(x, 100 * y, xerr=dx, yerr=100 * dy, fmt="o", capsize=3, label=method)
+        ax.set_xscale("log")
+        ax.set_xlabel("trainable parameters")
+        ax.set_ylabel(f"{main} (×100)")
+        ax.set_title(task)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(output_dir) / "score_vs_params.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_report(output_dir) -> str:
+    """Write ``results.md`` and the plots for every run JSON in ``output_dir``; return the table."""
+    results = load_results(output_dir)
+    table = markdown_table(results)
+    plots = [*plot_rank_evolution(results, output_dir), plot_score_vs_params(results, output_dir)]
+    links = "\n".join(f"![{p.stem}]({p.name})" for p in plots if p is not None)
+    Path(output_dir, "results.md").write_text(f"# GLUE runner results\n\n{table}\n\n{links}\n")
+    return table

@@ -1,0 +1,185 @@
+"""One run = (task, method, seed): build, train with ``transformers.Trainer``, evaluate, write one JSON."""
+
+import dataclasses
+import gc
+import json
+import math
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import peft
+import psutil
+import torch
+import transformers
+from transformers import DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments, set_seed
+
+from .args import Args
+from .data import ROTTEN_TOMATOES, glue_files, load_raw, subset, task_to_keys, tokenize
+from .methods import build_model, load_backbone, load_tokenizer, trainable_parameters
+from .metrics import glue_metrics, predictions_from_logits
+from .recipes import Recipe, resolve_recipe
+
+
+def run_all(args: Args) -> list[dict]:
+    """Every (task, method, seed) of ``args``; returns the run records (also written as JSON files)."""
+    out = Path(args.run.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.data.data_dir is not None and args.data.dataset != ROTTEN_TOMATOES:
+        for task in args.data.task:  # all missing files are reported before any training starts
+            glue_files(task, args.data.data_dir)
+    tokenizer = load_tokenizer(args.model.model)
+    plan = [(m, s) for m in args.model.method for s in args.run.seeds]
+    results, done = [], 0
+    for task in args.data.task:
+        recipe = resolve_recipe(task, args.recipe_overrides())
+        data = prepare_data(task, args, tokenizer, recipe.max_seq_length)
+        for method, seed in plan:
+            done += 1
+            print(f"\n[{done}/{len(plan) * len(args.data.task)}] task={task} method={method} seed={seed} "
+                  f"train={len(data['train'])} examples", flush=True)
+            result = run_one(task, method, seed, args, recipe, tokenizer, data)
+            (out / f"{task}_{method}_seed{seed}.json").write_text(json.dumps(result, indent=1))
+            print(f"    {result['metrics']}  trainable={result['trainable_params']:,}  "
+                  f"{result['train_seconds']:.0f}s", flush=True)
+            results.append(result)
+    return results
+
+
+def prepare_data(task: str, args: Args, tokenizer, max_length: int):
+    raw = load_raw(task, args.data.dataset, args.data.data_dir)
+    for name in raw:
+        limit = args.data.max_train_samples if name == "train" else args.data.max_eval_samples
+        raw[name] = subset(raw[name], limit)
+    return tokenize(raw, tokenizer, task, max_length)
+
+
+def total_steps(n_train: int, recipe: Recipe, args: Args) -> int:
+    """Optimizer steps of the run, as the Trainer counts them (needed up front by AdaLoRA's schedule)."""
+    if args.run.max_steps > 0:
+        return args.run.max_steps
+    batches = math.ceil(n_train / recipe.per_device_train_batch_size)
+    per_epoch = max(1, batches // args.run.gradient_accumulation_steps)
+    return math.ceil(recipe.num_train_epochs * per_epoch)
+
+
+def run_one(task: str, method: str, seed: int, args: Args, recipe: Recipe, tokenizer, data) -> dict:
+    set_seed(seed)
+    model = load_backbone(args.model.model, task, recipe.cls_dropout)
+    steps = total_steps(len(data["train"]), recipe, args)
+    built = build_model(method, model, task, recipe, steps, args.model.target_modules)
+    history = RankHistory(built) if built.ranks is not None else None
+    on_gpu = torch.cuda.is_available() and not args.run.use_cpu
+    with tempfile.TemporaryDirectory() as scratch:  # nothing is saved: save_strategy="no"
+        trainer = Trainer(
+            model=built.model, args=_training_arguments(scratch, seed, built.learning_rate, recipe, args),
+            train_dataset=data["train"], data_collator=DataCollatorWithPadding(tokenizer),
+            processing_class=tokenizer, callbacks=[*built.callbacks, *([history] if history else [])])
+        with PeakMemory(on_gpu) as peak:
+            start = time.perf_counter()
+            trainer.train()
+            train_seconds = time.perf_counter() - start
+        start = time.perf_counter()
+        metrics = evaluate(trainer, task, data)
+        eval_seconds = time.perf_counter() - start
+    spec = task_to_keys[task]
+    result = {
+        "task": task, "method": method, "seed": seed, "model": args.model.model,
+        "dataset": args.data.dataset if args.data.data_dir is None else f"glue:{args.data.data_dir}",
+        "metrics": metrics, "main_metric": spec.main_metric, "score": metrics[spec.main_metric],
+        "trainable_params": int(built.active_params()),
+        "stored_trainable_params": trainable_parameters(built.model),
+        "total_params": sum(p.numel() for p in built.model.parameters()),
+        "ranks": {k: list(v) for k, v in built.ranks().items()} if built.ranks else None,
+        "rank_history": history.records if history else None,
+        "train_seconds": train_seconds, "eval_seconds": eval_seconds,
+        "peak_memory_mb": peak.mb, "peak_memory_kind": peak.kind,
+        "device": torch.cuda.get_device_name() if on_gpu else "cpu",
+        "train_examples": len(data["train"]),
+        "eval_examples": {s.hub_split: len(data[s.hub_split]) for s in spec.eval_splits},
+        "optimizer_steps": trainer.state.global_step, "learning_rate": built.learning_rate,
+        "recipe": dataclasses.asdict(recipe), "log_history": trainer.state.log_history,
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                     "peft": peft.__version__},
+    }
+    del trainer, built, model
+    gc.collect()
+    if on_gpu:
+        torch.cuda.empty_cache()
+    return result
+
+
+def _training_arguments(output_dir: str, seed: int, learning_rate: float, recipe: Recipe, args: Args):
+    return TrainingArguments(
+        output_dir=output_dir, seed=seed, data_seed=seed, learning_rate=learning_rate,
+        num_train_epochs=recipe.num_train_epochs, max_steps=args.run.max_steps,
+        per_device_train_batch_size=recipe.per_device_train_batch_size,
+        per_device_eval_batch_size=args.run.per_device_eval_batch_size,
+        gradient_accumulation_steps=args.run.gradient_accumulation_steps, warmup_steps=recipe.warmup_steps,
+        weight_decay=recipe.weight_decay, max_grad_norm=args.run.max_grad_norm, lr_scheduler_type="linear",
+        logging_steps=args.run.logging_steps, eval_strategy="no", save_strategy="no", report_to="none",
+        fp16=args.run.fp16, bf16=args.run.bf16, use_cpu=args.run.use_cpu, disable_tqdm=False,
+    )
+
+
+def evaluate(trainer: Trainer, task: str, data) -> dict:
+    """Metrics of every dev set of ``task``; MNLI's names get a ``matched_``/``mismatched_`` prefix."""
+    metrics = {}
+    for split in task_to_keys[task].eval_splits:
+        out = trainer.predict(data[split.hub_split])
+        scores = glue_metrics(task, predictions_from_logits(task, out.predictions), out.label_ids)
+        metrics.update({f"{split.prefix}_{k}" if split.prefix else k: v for k, v in scores.items()})
+    return metrics
+
+
+class RankHistory(TrainerCallback):
+    """Per-module ranks and active parameters at the start, at every logging step and at the end."""
+
+    def __init__(self, built):
+        self.built, self.records = built, []
+
+    def _record(self, step: int):
+        if not self.records or self.records[-1]["step"] != step:
+            ranks = {k: list(v) for k, v in self.built.ranks().items()}
+            active = int(self.built.active_params())
+            self.records.append({"step": step, "active_params": active, "ranks": ranks})
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._record(0)
+
+    def on_log(self, args, state, control, **kwargs):
+        self._record(state.global_step)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._record(state.global_step)
+
+
+class PeakMemory:
+    """Peak memory of a block in MiB: CUDA max allocated, else the process RSS sampled every 50 ms."""
+
+    def __init__(self, cuda: bool):
+        self.cuda, self.kind, self.mb = cuda, "cuda_max_allocated" if cuda else "cpu_rss", 0.0
+        self._stop = threading.Event()
+
+    def _sample(self):
+        process = psutil.Process()
+        while not self._stop.wait(0.05):
+            self.mb = max(self.mb, process.memory_info().rss / 2**20)
+
+    def __enter__(self):
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            self.mb = psutil.Process().memory_info().rss / 2**20
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            self.mb = torch.cuda.max_memory_allocated() / 2**20
+        else:
+            self._stop.set()
+            self._thread.join()
+        return False

@@ -1,0 +1,23 @@
+"""tdrlt_peft: geometry-aware, rank-adaptive low-rank (Tucker) training for PEFT and the Trainer (TDLRT).
+
+``import tdrlt_peft`` registers the PEFT method "TDLRT", so ``get_peft_model(model, TuckerAdapterConfig())``,
+``PeftModel.from_pretrained`` and ``AutoPeftModel*`` work.
+"""
+
+from .callback import TDLRTCallback
+from .config import TuckerAdapterConfig
+from .integrator import TDLRTIntegrator, adapter_ranks, count_active_parameters, rank_statistics
+from .layer import TDLRTLayer
+from .model import TDLRTModel
+from .registration import register
+from .storage import IntegratorNotRunError
+from .trainable import patch_trainable_parameter_count
+
+register(TuckerAdapterConfig, TDLRTModel)
+patch_trainable_parameter_count()
+
+__version__ = "0.1.0"
+__all__ = [
+    "TuckerAdapterConfig", "TDLRTModel", "TDLRTLayer", "TDLRTCallback", "TDLRTIntegrator", "IntegratorNotRunError",
+    "adapter_ranks", "count_active_parameters", "rank_statistics",
+]

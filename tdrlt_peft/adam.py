@@ -1,0 +1,87 @@
+"""Adam for the core, with its state carried across basis changes.
+
+The core lives in coordinates that change every step (augmentation, then rotation by the truncation's
+singular vectors ``P_i``). The rule, per core entry:
+
+* Moments are kept *bias-corrected*: ``m`` and ``v`` are the debiased estimates, and ``wm``, ``wv`` are the
+  weights ``1 - beta^t`` that plain Adam divides by. One step:
+      wm' = b1 wm + (1 - b1),   m' = (b1 wm m + (1 - b1) g) / wm'        (and the same for v with g^2, b2)
+  For an entry with history (``wm = 1 - b1^t``) this is exactly Adam. A *new* direction (augmentation)
+  enters with ``m = v = wm = wv = 0``, so its first step is ``m' = g``, ``v' = g^2``: Adam's own first
+  step, of size ~lr, never the ``(1 - b1) / sqrt(1 - b2) ~ 3x`` blow-up of zero-padded, globally corrected
+  moments.
+* Augmentation: new coordinates have no first-moment history (``m = wm = 0``) but inherit the *mean*
+  second moment of the existing core entries (``v``, ``wv``): the core is rotated every step, so directions
+  are "new" every step, and a zero ``v`` would give each of them a full ``lr * sign(g)`` step however small its
+  gradient (noise amplification, measured in ``tests/test_step_math.py``). With the inherited scale a new
+  direction moves by ``lr * g / sqrt(mean v)``: in proportion to its gradient. With no history at all (the
+  very first step) everything starts at zero, i.e. plain Adam's first step.
+* Truncation ``C <- Ĉ x_i P_i^T``: the first moment is a linear statistic of the gradient and rotates like the
+  core, ``m <- m x_i P_i^T``. The second moment is not rotation-covariant; we keep the diagonal of the
+  rotated second-moment matrix, ``E[(P^T g)_k^2] = sum_j P_jk^2 v_j`` when the coordinates are uncorrelated:
+  ``v <- v x_i (P_i * P_i)^T``. It is non-negative and exact when ``P`` is a permutation. The weights use the
+  same convex combination (columns of ``P`` have unit norm), so a rotated entry inherits the history of the
+  entries it is made of.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .tucker import mode_dot
+
+
+@dataclass
+class AdamMoments:
+    """Debiased first/second moments and their bias-correction weights, all shaped like the core."""
+
+    m: Tensor
+    v: Tensor
+    wm: Tensor
+    wv: Tensor
+
+    def tensors(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        return self.m, self.v, self.wm, self.wv
+
+
+def adam_direction(grad: Tensor, state: AdamMoments, betas: tuple[float, float], eps: float
+                   ) -> tuple[Tensor, AdamMoments]:
+    """One Adam update of the moments; returns the step direction ``m / (sqrt(v) + eps)`` and the new state."""
+    b1, b2 = betas
+    wm = b1 * state.wm + (1 - b1)
+    wv = b2 * state.wv + (1 - b2)
+    m = (b1 * state.wm * state.m + (1 - b1) * grad) / wm
+    v = (b2 * state.wv * state.v + (1 - b2) * grad * grad) / wv
+    return m / (v.sqrt() + eps), AdamMoments(m, v, wm, wv)
+
+
+def pad_moments(state: AdamMoments, shape: Sequence[int]) -> AdamMoments:
+    """Embed the moments into augmented coordinates: new entries get ``m = wm = 0`` and the mean ``v``, ``wv``
+    of the existing entries."""
+    def pad(t: Tensor, fill: Tensor | float) -> Tensor:
+        out = torch.full(list(shape), 0.0, dtype=t.dtype, device=t.device) + fill
+        out[tuple(slice(0, s) for s in t.shape)] = t
+        return out
+    v_fill = state.v.mean() if state.v.numel() else 0.0
+    wv_fill = state.wv.mean() if state.wv.numel() else 0.0
+    return AdamMoments(pad(state.m, 0.0), pad(state.v, v_fill), pad(state.wm, 0.0), pad(state.wv, wv_fill))
+
+
+def rotate_moments(state: AdamMoments, rotations: Sequence[Tensor | None]) -> AdamMoments:
+    """Transport the moments by ``x_i P_i^T`` (first moment) and ``x_i (P_i * P_i)^T`` (the others)."""
+    m, v, wm, wv = state.tensors()
+    for i, P in enumerate(rotations):
+        if P is None:
+            continue
+        m = mode_dot(m, P.T, i)
+        P2 = (P * P).T
+        v, wm, wv = (mode_dot(t, P2, i) for t in (v, wm, wv))
+    return AdamMoments(m, v, wm, wv)
+
+
+def zeros_like_moments(core: Tensor) -> AdamMoments:
+    return AdamMoments(*(torch.zeros_like(core) for _ in range(4)))

@@ -1,0 +1,99 @@
+"""``TDLRTCallback``: runs the TDLRT step inside ``transformers.Trainer``.
+
+Trainer order per optimizer step: gradient clipping -> ``on_pre_optimizer_step`` (the integrator step runs
+here and clears the factor gradients) -> ``optimizer.step()`` (skips parameters whose ``.grad`` is None, so
+the Trainer's optimizer never touches the factors) -> scheduler -> ``on_step_end``.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from transformers import TrainerCallback
+
+from .integrator import TDLRTIntegrator, iter_storages, rank_statistics
+
+
+class TDLRTCallback(TrainerCallback):
+    """Rank-adaptive TDLRT step every optimizer step, at the scheduler's current learning rate.
+
+    Args:
+        lr_factor: multiplies the learning rate of the step (on top of the config's ``core_lr_factor``).
+        log_ranks: add ``tdlrt/mean_rank``, ``tdlrt/min_rank``, ``tdlrt/max_rank`` and ``tdlrt/active_params``
+            to every Trainer log (console, TensorBoard, W&B, ``state.log_history``).
+    """
+
+    def __init__(self, lr_factor: float = 1.0, log_ranks: bool = True):
+        self.lr_factor = lr_factor
+        self.log_ranks = log_ranks
+        self.integrator: TDLRTIntegrator | None = None
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if getattr(args, "deepspeed", None) or getattr(args, "fsdp", None):
+            raise ValueError(
+                "TDLRTCallback does not support DeepSpeed or FSDP: DeepSpeed steps inside backward and FSDP shards "
+                "the factors, so the rank-adaptive step cannot see whole gradients. Use DDP (torchrun / "
+                "accelerate launch without a DeepSpeed/FSDP config).")
+        if model is None or not any(True for _ in iter_storages(model)):
+            raise ValueError("TDLRTCallback: the model has no TDLRT adapters. Wrap it first with "
+                             "`model = get_peft_model(model, TuckerAdapterConfig(...))`.")
+        config = _active_config(model)
+        self.integrator = TDLRTIntegrator(
+            model, core_optimizer=getattr(config, "core_optimizer", "adam"),
+            betas=tuple(getattr(config, "adam_betas", (0.9, 0.999))), eps=getattr(config, "adam_eps", 1e-8),
+            weight_decay=getattr(config, "core_weight_decay", 0.0),
+            lr_factor=getattr(config, "core_lr_factor", 1.0) * self.lr_factor)
+        _move_to_front(self)
+
+    def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        if self.integrator is None:
+            raise RuntimeError("TDLRTCallback: on_train_begin was not called; pass the callback to the Trainer.")
+        _unscale_fp16(optimizer)
+        self.integrator.step(optimizer.param_groups[0]["lr"])
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        # keep the live config's rank_pattern current so every checkpoint records the ranks
+        update = getattr(getattr(model, "base_model", None), "update_rank_pattern", None)
+        if callable(update):
+            for name in getattr(model, "peft_config", {}):
+                if getattr(model.peft_config[name], "peft_type", None) == "TDLRT":
+                    update(name)
+
+    def on_log(self, args, state, control, logs=None, model=None, **kwargs):
+        if self.log_ranks and logs is not None and model is not None:
+            stats = rank_statistics(model)
+            logs.update(stats)
+            if state.log_history and state.log_history[-1].get("step") == state.global_step:
+                state.log_history[-1].update(stats)
+
+
+def _active_config(model):
+    configs = getattr(model, "peft_config", None)
+    if not configs:
+        return None
+    active = getattr(model, "active_adapter", None)
+    return configs.get(active if isinstance(active, str) else next(iter(configs)))
+
+
+def _unscale_fp16(optimizer) -> None:
+    """fp16: make sure the factor gradients are unscaled before the step (transformers < 5.24 only unscales
+    when max_grad_norm > 0). ``unscale_`` refuses a second call per step, which means it already happened."""
+    scaler = getattr(optimizer, "scaler", None)
+    inner = getattr(optimizer, "optimizer", None)
+    if scaler is None or inner is None or not scaler.is_enabled():
+        return
+    try:
+        scaler.unscale_(inner)
+    except RuntimeError:
+        pass
+
+
+def _move_to_front(callback) -> None:
+    """Put the callback first in the Trainer's CallbackHandler so its log entries reach the console and the
+    reporting integrations (they run in list order). The handler is the caller of ``on_train_begin``; a new
+    list is assigned so the loop over the old one is not disturbed."""
+    frame = sys._getframe(2)
+    handler = frame.f_locals.get("self") if frame is not None else None
+    callbacks = getattr(handler, "callbacks", None)
+    if isinstance(callbacks, list) and callback in callbacks:
+        handler.callbacks = [callback] + [c for c in callbacks if c is not callback]

@@ -1,0 +1,169 @@
+"""``TDLRTIntegrator``: the rank-adaptive step for every adapter of a model, for any training loop.
+
+Usage in a plain PyTorch loop::
+
+    integrator = TDLRTIntegrator(model)              # finds every TDLRT adapter / factorized layer
+    optimizer = torch.optim.AdamW(integrator.other_trainable_parameters(), lr=lr)
+    loss.backward()
+    integrator.step(lr)                              # augment, update the core, truncate; clears factor grads
+    optimizer.step(); optimizer.zero_grad()
+
+The step is atomic: all proposals are computed before anything is written, a non-finite gradient skips the
+step for every adapter (with one warning), and under ``torch.distributed`` the ranks chosen on process 0
+are broadcast so every process truncates identically.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from .adam import AdamMoments
+from .geometry import compute_dtype
+from .step import apply, propose
+from .storage import LowRankStorage
+
+CORE_OPTIMIZERS = ("adam", "sgd")
+
+
+def iter_storages(model: nn.Module, adapter_name: str | None = None) -> Iterator[LowRankStorage]:
+    """Every low-rank adapter of ``model`` (active adapters only, unless ``adapter_name`` names one)."""
+    for module_name, module in model.named_modules():
+        storages = getattr(module, "tdlrt_storages", None)
+        if callable(storages):
+            yield from storages(module_name, adapter_name)
+
+
+def adapter_ranks(model: nn.Module, adapter_name: str | None = None) -> dict[str, tuple[int, ...]]:
+    """Module name -> current rank per adaptive mode (matrix adapters: ``(r, r)``)."""
+    return {s.name: tuple(r for U, r in zip(s.factors, s.ranks) if U is not None)
+            for s in iter_storages(model, adapter_name)}
+
+
+def count_active_parameters(model: nn.Module) -> int:
+    """Trainable parameters with adapters counted at their active sizes (``sum n_i r_i + prod r_i``)."""
+    storages = list(iter_storages(model))
+    stored = {id(p) for s in storages for p in s.parameters()}
+    others = sum(p.numel() for p in model.parameters() if p.requires_grad and id(p) not in stored)
+    return others + sum(s.num_active_parameters() for s in storages if s.core.requires_grad)
+
+
+def rank_statistics(model: nn.Module) -> dict[str, float]:
+    """Mean/min/max rank over all adaptive modes and the active trainable parameters, for logging."""
+    ranks = [r for rs in adapter_ranks(model).values() for r in rs]
+    if not ranks:
+        return {}
+    return {"tdlrt/mean_rank": sum(ranks) / len(ranks), "tdlrt/min_rank": float(min(ranks)),
+            "tdlrt/max_rank": float(max(ranks)), "tdlrt/active_params": float(count_active_parameters(model))}
+
+
+class TDLRTIntegrator:
+    """Runs the parallel rank-adaptive step (``docs/algorithm.md``) on every adapter of ``model``.
+
+    Args:
+        model: any module containing TDLRT adapter layers or factorized layers (PeftModel or bare model).
+        core_optimizer: ``"adam"`` (moments owned here, stored in the layers' buffers and transported across
+            basis changes, see ``adam.py``) or ``"sgd"`` (the exact projected-gradient step of the theory).
+        betas, eps, weight_decay: Adam settings for the core (decoupled weight decay).
+        lr_factor: the step uses ``lr * lr_factor``.
+    """
+
+    def __init__(self, model: nn.Module, core_optimizer: Literal["adam", "sgd"] = "adam",
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
+                 lr_factor: float = 1.0):
+        if core_optimizer not in CORE_OPTIMIZERS:
+            raise ValueError(f"core_optimizer must be one of {CORE_OPTIMIZERS}, got {core_optimizer!r}.")
+        if not 0.0 <= betas[0] < 1.0 or not 0.0 <= betas[1] < 1.0:
+            raise ValueError(f"betas must lie in [0, 1), got {betas}.")
+        self.model = model
+        self.core_optimizer = core_optimizer
+        self.adam = {"betas": tuple(betas), "eps": eps, "weight_decay": weight_decay}
+        self.lr_factor = lr_factor
+        self.num_steps = 0
+        self.num_skipped = 0
+        self._warned_skip = False
+        if not any(True for _ in iter_storages(model)):
+            raise ValueError(
+                "TDLRTIntegrator found no TDLRT adapters in the model: wrap it with "
+                "`get_peft_model(model, TuckerAdapterConfig(...))` or use tdrlt_peft factorized layers.")
+
+    def storages(self) -> list[LowRankStorage]:
+        return list(iter_storages(self.model))
+
+    def other_trainable_parameters(self) -> list[nn.Parameter]:
+        """Trainable parameters that are not adapter factors (heads, biases, ...) for the user's optimizer."""
+        stored = {id(p) for s in iter_storages(self.model) for p in s.parameters()}
+        return [p for p in self.model.parameters() if p.requires_grad and id(p) not in stored]
+
+    def zero_grad(self) -> None:
+        for s in iter_storages(self.model):
+            for p in s.parameters():
+                p.grad = None
+            s.tracker.after_step()
+
+    @torch.no_grad()
+    def step(self, lr: float) -> bool:
+        """One rank-adaptive step at learning rate ``lr * lr_factor`` for every adapter with gradients.
+
+        Returns False (and changes nothing but clearing the factor gradients) when a gradient is non-finite.
+        """
+        storages = [s for s in iter_storages(self.model) if s.core.grad is not None]
+        try:
+            if not storages:
+                return False
+            if not _all_finite([p.grad for s in storages for p in s.parameters() if p.grad is not None]):
+                self.num_skipped += 1
+                if not self._warned_skip:
+                    warnings.warn("TDLRT: non-finite adapter gradients, skipping the step for every adapter "
+                                  "(an fp16 loss-scale overflow does this routinely; said once).", stacklevel=2)
+                    self._warned_skip = True
+                return False
+            lr = float(lr) * self.lr_factor
+            proposals = [self._propose(s, lr) for s in storages]
+            ranks = _agree([p.ranks for p in proposals])
+            results = [apply(p, k) for p, k in zip(proposals, ranks)]
+            for s, (core, factors, moments) in zip(storages, results):
+                s.write(core, factors, moments)
+            self.num_steps += 1
+            return True
+        finally:
+            self.zero_grad()
+
+    def _propose(self, s: LowRankStorage, lr: float):
+        dtype = compute_dtype(s.core.dtype)
+        core, factors = s.active()
+        ranks = s.ranks
+        core_grad = s.core.grad[tuple(slice(0, r) for r in ranks)].to(dtype)
+        k_grads = [None if U is None else U.grad[:, :r].to(dtype) for U, r in zip(s.factors, ranks)]
+        moments = None
+        if self.core_optimizer == "adam" and s.moments is not None:
+            index = tuple(slice(0, r) for r in ranks)
+            moments = AdamMoments(*(t[index].to(dtype) for t in s.moments.tensors()))
+        return propose(core.to(dtype), [None if U is None else U.to(dtype) for U in factors], core_grad,
+                       k_grads, lr, s.bounds, matrix=s.matrix, storage_ranks=s.storage_ranks(),
+                       moments=moments, adam=self.adam if moments is not None else None)
+
+
+def _all_finite(tensors: list[Tensor]) -> bool:
+    if not tensors:
+        return True
+    # one host sync for all adapters
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+
+
+def _agree(ranks: list[list[int]]) -> list[list[int]]:
+    """Under torch.distributed, every process takes process 0's rank decision (SVDs may differ in the last bit)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return ranks
+    if torch.distributed.get_world_size() == 1:
+        return ranks
+    flat = torch.tensor([r for rs in ranks for r in rs], dtype=torch.int64)
+    if torch.distributed.get_backend() == "nccl":
+        flat = flat.cuda()
+    torch.distributed.broadcast(flat, src=0)
+    values = iter(flat.tolist())
+    return [[next(values) for _ in rs] for rs in ranks]

@@ -1,0 +1,166 @@
+"""The parallel rank-adaptive TDLRT step for one Tucker tensor (a matrix ``U S V^T`` is the case d = 2).
+
+Pure torch on the *active* slices; the integrator (``integrator.py``) reads them from the layers' fixed-size
+storage and writes the result back. Notation as in ``docs/algorithm.md``:
+
+    W = C x_1 U_1 ... x_d U_d,   G = dL/dW,
+    G_C  = G x_1 U_1^T ... x_d U_d^T                     (core gradient, shape of C)
+    G_Ki = Mat_i(G x_{j != i} U_j^T) Q_i,  Mat_i(C)^T = Q_i R_i   (K-gradient of mode i, shape of U_i)
+
+For a matrix ``Q = I``, so ``G_K = G V``, ``G_L = G^T U`` and ``G_S = U^T G V``.
+
+One step with learning rate lr:
+  1. augment  Û_i = [U_i, Ũ_i],  Ũ_i = orth((I - U_i U_i^T) G_Ki)
+  2. Ĉ = pad(C) - lr * Ĝ  with  Ĝ[:r_1, ..., :r_d] = G_C  and, for each adaptive mode i, the block whose mode-i
+     index is new (others leading) = Ten_i(Ũ_i^T G_Ki Q_i^T)   (Adam: a preconditioned Ĝ instead, see adam.py)
+  3. truncate: per adaptive mode SVD Mat_i(Ĉ) = P_i Σ_i ..., keep k_i columns by the tau rule;
+     C <- Ĉ x_i P_i[:, :k_i]^T,  U_i <- Û_i P_i[:, :k_i].
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .adam import AdamMoments, adam_direction, pad_moments, rotate_moments
+from .geometry import augment_basis, orthogonality_error, orthonormality_tolerance, orthonormalize, truncation_rank
+from .tucker import fold, mode_dot, unfold
+
+
+@dataclass
+class RankBounds:
+    """Rank rule of one adapter: relative (or absolute) tolerance ``tau`` and ``r_min <= r <= r_max``."""
+
+    tau: float
+    r_min: int
+    r_max: int
+    absolute: bool = False
+
+
+@dataclass
+class Proposal:
+    """Result of steps 1-2 and the SVDs of step 3, before the ranks are agreed on (DDP)."""
+
+    bases: list[Tensor | None]          # Û_i (n_i, r̂_i); None = mode not factorized
+    core: Tensor                        # Ĉ (r̂_1, ..., r̂_d)
+    svds: list[tuple[Tensor, Tensor] | None]   # (P_i, sigma_i) per adaptive mode
+    ranks: list[int]                    # proposed new rank per mode (non-factorized: its size)
+    moments: AdamMoments | None         # Adam moments in the augmented coordinates
+
+
+def unfolding_bases(core: Tensor, factored: Sequence[bool], matrix: bool) -> list[Tensor | None]:
+    """``Q_i`` of the reduced QR ``Mat_i(C)^T = Q_i R_i`` for each factorized mode (``None`` elsewhere).
+
+    Matrix adapters use ``Q = I`` (returned as ``None`` too). ``Q_i`` has ``min(r_i, prod_{j != i} r_j)``
+    columns; when ``Mat_i(C)`` is rank-deficient the QR still returns an orthonormal ``Q_i``.
+    """
+    if matrix:
+        return [None] * core.dim()
+    return [torch.linalg.qr(unfold(core, i).T)[0] if f else None for i, f in enumerate(factored)]
+
+
+def augmented_gradient(core_grad: Tensor, k_grads: Sequence[Tensor | None], new_bases: Sequence[Tensor | None],
+                       qs: Sequence[Tensor | None]) -> Tensor:
+    """Ĝ of step 2: ``G_C`` in the leading block, ``Ten_i(Ũ_i^T G_Ki Q_i^T)`` in mode i's new block."""
+    ranks = list(core_grad.shape)
+    news = [0 if b is None else b.shape[1] for b in new_bases]
+    grad = core_grad.new_zeros([r + k for r, k in zip(ranks, news)])
+    grad[tuple(slice(0, r) for r in ranks)] = core_grad
+    for i, (G_K, new) in enumerate(zip(k_grads, new_bases)):
+        if new is None or new.shape[1] == 0:
+            continue
+        coeff = new.T @ G_K                                    # (k_i, m_i)
+        if qs[i] is not None:
+            coeff = coeff @ qs[i].T                            # (k_i, prod_{j != i} r_j)
+        shape = list(ranks)
+        shape[i] = new.shape[1]
+        index = [slice(0, r) for r in ranks]
+        index[i] = slice(ranks[i], ranks[i] + new.shape[1])
+        grad[tuple(index)] = fold(coeff, i, shape)
+    return grad
+
+
+def propose(core: Tensor, factors: Sequence[Tensor | None], core_grad: Tensor,
+            k_grads: Sequence[Tensor | None], lr: float, bounds: RankBounds, *, matrix: bool,
+            storage_ranks: Sequence[int], moments: AdamMoments | None = None,
+            adam: dict | None = None) -> Proposal:
+    """Steps 1-2 and the per-mode SVDs of step 3 on active slices.
+
+    ``core`` (r_1..r_d), ``factors[i]`` (n_i, r_i) or None, ``core_grad`` like ``core``, ``k_grads[i]``
+    (n_i, m_i) or None; ``storage_ranks[i]`` caps r̂_i (the stored width of factor i). ``moments`` and
+    ``adam`` (betas, eps, weight_decay) select the Adam core update; without them the step is exact SGD.
+    """
+    factored = [f is not None for f in factors]
+    qs = unfolding_bases(core, factored, matrix)
+    new_bases: list[Tensor | None] = []
+    for i, U in enumerate(factors):
+        if U is None:
+            new_bases.append(None)
+            continue
+        r = U.shape[1]
+        # at most r new columns (the tangent space's size) and never past the storage
+        new_bases.append(augment_basis(U, k_grads[i], min(r, storage_ranks[i] - r)))
+    grad_hat = augmented_gradient(core_grad, k_grads, new_bases, qs)
+    core_pad = pad_to(core, grad_hat.shape)
+    if moments is None:
+        core_hat = core_pad - lr * grad_hat
+    else:
+        moments = pad_moments(moments, grad_hat.shape)
+        direction, moments = adam_direction(grad_hat, moments, adam["betas"], adam["eps"])
+        core_hat = core_pad - lr * (direction + adam.get("weight_decay", 0.0) * core_pad)
+    bases = [None if U is None else torch.cat([U, new], dim=1) for U, new in zip(factors, new_bases)]
+
+    svds: list[tuple[Tensor, Tensor] | None] = []
+    ranks: list[int] = []
+    for i, U in enumerate(bases):
+        if U is None:
+            svds.append(None)
+            ranks.append(core_hat.shape[i])
+            continue
+        P, sigma, _ = torch.linalg.svd(unfold(core_hat, i), full_matrices=False)
+        svds.append((P, sigma))
+        cap = min(bounds.r_max, storage_ranks[i])
+        ranks.append(truncation_rank(sigma, bounds.tau, bounds.r_min, cap, bounds.absolute))
+    if matrix:
+        # U S V^T: the two modes share the truncated rank
+        ranks = [min(ranks)] * 2
+    return Proposal(bases=bases, core=core_hat, svds=svds, ranks=ranks, moments=moments)
+
+
+def apply(proposal: Proposal, ranks: Sequence[int]) -> tuple[Tensor, list[Tensor | None], AdamMoments | None]:
+    """Step 3 with the agreed ``ranks``: returns the new core, factors and (rotated) Adam moments."""
+    core = proposal.core
+    factors: list[Tensor | None] = []
+    rotations: list[Tensor | None] = []
+    for i, (U_hat, svd) in enumerate(zip(proposal.bases, proposal.svds)):
+        if U_hat is None:
+            factors.append(None)
+            rotations.append(None)
+            continue
+        P, sigma = svd
+        k = ranks[i]
+        if sigma.numel() == 0 or sigma[0] <= 0:
+            # zero core: keep the leading columns of the current basis
+            P = torch.eye(U_hat.shape[1], dtype=U_hat.dtype, device=U_hat.device)
+        P_k = P[:, :k]                                         # (r̂_i, k_i)
+        core = mode_dot(core, P_k.T, i)
+        factors.append(U_hat @ P_k)
+        rotations.append(P_k)
+    moments = None if proposal.moments is None else rotate_moments(proposal.moments, rotations)
+    # float32 round-off accumulates over many steps: re-orthonormalise when it shows, keeping W fixed
+    for i, U in enumerate(factors):
+        if U is not None and orthogonality_error(U) > orthonormality_tolerance(U):
+            Q, R = orthonormalize(U)
+            factors[i] = Q
+            core = mode_dot(core, R, i)
+    return core, factors, moments
+
+
+def pad_to(tensor: Tensor, shape: Sequence[int]) -> Tensor:
+    """Zero-pad ``tensor`` at the end of every mode to ``shape``."""
+    out = tensor.new_zeros(list(shape))
+    out[tuple(slice(0, s) for s in tensor.shape)] = tensor
+    return out

@@ -1,0 +1,113 @@
+"""Fixed-size storage of one low-rank (Tucker) adapter, and the tracker that catches a missing integrator step.
+
+Factors are stored at their maximal width ``R_i = min(r_max, n_i)`` and the core at ``(R_1, ..., R_d)``; the
+active rank ``r_i`` selects the leading slices and every entry past it is zero. Parameter shapes therefore
+never change, so optimisers, DDP gradient buckets and ``torch.compile`` stay valid while ranks move.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from .adam import AdamMoments
+from .step import RankBounds
+
+
+class IntegratorNotRunError(RuntimeError):
+    """The adapter factors were trained without the TDLRT integrator step."""
+
+
+MISSING_STEP_MESSAGE = (
+    "The TDLRT adapter factors of {where} were changed or their gradients were cleared without the TDLRT "
+    "integrator step. Their .grad holds the geometry-aware K/L/core gradients, which an ordinary optimizer "
+    "must not apply. With the Trainer add `callbacks=[TDLRTCallback()]`; in a plain PyTorch loop call "
+    "`TDLRTIntegrator(model).step(lr)` after backward and keep the adapter factors out of your optimizer."
+)
+
+
+@dataclass
+class StepTracker:
+    """Set by the custom backward, cleared by the integrator.
+
+    A forward in training finds ``pending`` with the gradient gone (zero_grad) or the factor changed
+    (an optimizer step) since that backward: the factors were trained without the integrator.
+    """
+
+    pending: bool = False
+    version: int = -1
+
+    def after_backward(self, factor: Tensor) -> None:
+        self.pending = True
+        self.version = factor._version
+
+    def after_step(self) -> None:
+        self.pending = False
+
+    def check(self, factor: Tensor, where: str) -> None:
+        if self.pending and (factor.grad is None or factor._version != self.version):
+            self.pending = False
+            raise IntegratorNotRunError(MISSING_STEP_MESSAGE.format(where=where))
+
+
+@dataclass
+class LowRankStorage:
+    """A view of one adapter's tensors, as the integrator reads and writes them.
+
+    ``core``: (R_1, ..., R_d) parameter; ``factors[i]``: (n_i, R_i) parameter, or None for a mode that is
+    not factorized (then ``ranks[i] == n_i``); ``rank_buffer``: int64 (d,) buffer saved with the adapter;
+    ``ranks``: the same as a Python list (the forward slices with it, no device sync); ``moments``: Adam
+    state buffers shaped like ``core``; ``matrix``: a ``U S V^T`` adapter (Q = I, one shared rank).
+    """
+
+    name: str
+    core: nn.Parameter
+    factors: list[nn.Parameter | None]
+    ranks: list[int]
+    rank_buffer: Tensor
+    bounds: RankBounds
+    matrix: bool
+    tracker: StepTracker
+    moments: AdamMoments | None = None
+    extra: dict = field(default_factory=dict)
+
+    def active(self) -> tuple[Tensor, list[Tensor | None]]:
+        """Active slices ``(core[:r_1, ..., :r_d], [U_i[:, :r_i]])``."""
+        core = self.core[tuple(slice(0, r) for r in self.ranks)]
+        factors = [None if U is None else U[:, :r] for U, r in zip(self.factors, self.ranks)]
+        return core, factors
+
+    def storage_ranks(self) -> list[int]:
+        return [self.core.shape[i] for i in range(self.core.dim())]
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [self.core, *(U for U in self.factors if U is not None)]
+
+    def num_active_parameters(self) -> int:
+        """``sum_i n_i r_i + prod_i r_i`` over factorized modes (matrix: ``(out + in) r + r^2``)."""
+        count = 1
+        for r in self.ranks:
+            count *= r
+        for U, r in zip(self.factors, self.ranks):
+            if U is not None:
+                count += U.shape[0] * r
+        return count
+
+    @torch.no_grad()
+    def write(self, core: Tensor, factors: list[Tensor | None], moments: AdamMoments | None) -> None:
+        """Store new active tensors (zeros past the new ranks) and the new ranks."""
+        ranks = list(core.shape)
+        self.core.zero_()
+        self.core[tuple(slice(0, r) for r in ranks)] = core.to(self.core.dtype)
+        for U, new in zip(self.factors, factors):
+            if U is not None:
+                U.zero_()
+                U[:, : new.shape[1]] = new.to(U.dtype)
+        if moments is not None and self.moments is not None:
+            for buf, new in zip(self.moments.tensors(), moments.tensors()):
+                buf.zero_()
+                buf[tuple(slice(0, r) for r in ranks)] = new.to(buf.dtype)
+        self.ranks[:] = ranks
+        self.rank_buffer.copy_(torch.tensor(ranks, dtype=self.rank_buffer.dtype))
