@@ -12,12 +12,14 @@ from .model import TDLRTModel
 from .registration import register
 from .storage import IntegratorNotRunError
 from .trainable import patch_trainable_parameter_count
+from .trainer import TDLRTTrainer
 
 register(TuckerAdapterConfig, TDLRTModel)
 patch_trainable_parameter_count()
 
 __version__ = "0.1.0"
 __all__ = [
-    "TuckerAdapterConfig", "TDLRTModel", "TDLRTLayer", "TDLRTCallback", "TDLRTIntegrator", "IntegratorNotRunError",
+    "TuckerAdapterConfig", "TDLRTModel", "TDLRTLayer", "TDLRTCallback", "TDLRTIntegrator", "TDLRTTrainer",
+    "IntegratorNotRunError",
     "adapter_ranks", "count_active_parameters", "rank_statistics",
 ]

@@ -90,8 +90,9 @@ class TDLRTLayer(nn.Module, BaseTunerLayer):
         factored = self.factorized_modes()
         # storage width R_i = min(r_max, n_i); unfactorized modes keep their full size
         widths = [min(r_max, n) if f else n for n, f in zip(sizes, factored)]
-        r = min([r, *[w for w, f in zip(widths, factored) if f]])
-        ranks = [r if f else n for n, f in zip(sizes, factored)]
+        if self.matrix:   # U S V^T: one rank shared by both sides
+            r = min([r, *[w for w, f in zip(widths, factored) if f]])
+        ranks = [min(r, w) if f else n for n, w, f in zip(sizes, widths, factored)]
         for name, n, width, rank in zip(self.factor_names, sizes, widths, ranks):
             if name is None:
                 continue

@@ -7,12 +7,13 @@ from peft.utils.other import get_pattern_key
 from torch import nn
 
 from .config import TRANSFORMERS_MODELS_TO_TDLRT_TARGET_MODULES_MAPPING, TuckerAdapterConfig
+from .conv import CONV_LAYER_TYPES
 from .integrator import adapter_ranks
 from .layer import Linear, TDLRTLayer
 from .registration import PREFIX
 
-# layer type -> adapter class; convolutions register themselves here (conv.py)
-LAYER_TYPES: dict[type[nn.Module], type[TDLRTLayer]] = {nn.Linear: Linear}
+# layer type -> adapter class (Tucker adapters of convolutions: conv.py)
+LAYER_TYPES: dict[type[nn.Module], type[TDLRTLayer]] = {nn.Linear: Linear, **CONV_LAYER_TYPES}
 
 
 class TDLRTModel(BaseTuner):
@@ -28,7 +29,8 @@ class TDLRTModel(BaseTuner):
         r = config.rank_pattern.get(rank_key, config.r)
         kwargs = dict(r=r if isinstance(r, int) else max(r), r_min=config.r_min, r_max=config.r_max,
                       tau=config.tau, absolute_tau=config.absolute_tau, scale=config.scale,
-                      dropout=config.dropout, inference_mode=config.inference_mode)
+                      dropout=config.dropout, inference_mode=config.inference_mode,
+                      factorize_spatial=config.factorize_spatial)
         if isinstance(target, TDLRTLayer):
             target.update_layer(adapter_name, **kwargs)
             return
@@ -43,7 +45,7 @@ class TDLRTModel(BaseTuner):
         base = target.get_base_layer() if hasattr(target, "get_base_layer") else target
         for layer_type, adapter_cls in LAYER_TYPES.items():
             if type(base) is layer_type or isinstance(base, layer_type):
-                return adapter_cls(target, adapter_name, config=config, **kwargs)
+                return adapter_cls(target, adapter_name, config=config, module_name=current_key, **kwargs)
         supported = ", ".join(t.__name__ for t in LAYER_TYPES)
         raise ValueError(f"TuckerAdapterConfig.target_modules matched {current_key!r} of type "
                          f"{type(base).__name__}, which TDLRT does not support (supported: {supported}). "

@@ -95,6 +95,8 @@ def propose(core: Tensor, factors: Sequence[Tensor | None], core_grad: Tensor,
     """
     factored = [f is not None for f in factors]
     qs = unfolding_bases(core, factored, matrix)
+    # G_Ki has as many columns as Q_i: fewer than r_i when prod_{j != i} r_j < r_i (stored zero-padded to r_i)
+    k_grads = [G if G is None or Q is None else G[:, : Q.shape[1]] for G, Q in zip(k_grads, qs)]
     new_bases: list[Tensor | None] = []
     for i, U in enumerate(factors):
         if U is None:
