@@ -11,11 +11,11 @@ from .layer import TDLRTLayer
 from .model import TDLRTModel
 from .registration import register
 from .storage import IntegratorNotRunError
-from .trainable import patch_trainable_parameter_count
+from .peft_patches import patch_peft_model
 from .trainer import TDLRTTrainer
 
 register(TuckerAdapterConfig, TDLRTModel)
-patch_trainable_parameter_count()
+patch_peft_model()
 
 __version__ = "0.1.0"
 __all__ = [

@@ -51,6 +51,16 @@ class TDLRTModel(BaseTuner):
                          f"{type(base).__name__}, which TDLRT does not support (supported: {supported}). "
                          "Remove it from target_modules or add it to exclude_modules.")
 
+    def _prepare_adapter_config(self, peft_config: TuckerAdapterConfig, model_config: dict) -> TuckerAdapterConfig:
+        # our defaults are regexes (strings); peft < 0.19 would turn a string into a set of characters
+        if peft_config.target_modules is None:
+            target_modules = self.target_module_mapping.get(model_config["model_type"])
+            if target_modules is None:
+                raise ValueError(f"TuckerAdapterConfig.target_modules is required for model type "
+                                 f"{model_config['model_type']!r}: name the modules to adapt.")
+            peft_config.target_modules = target_modules if isinstance(target_modules, str) else set(target_modules)
+        return peft_config
+
     def update_rank_pattern(self, adapter_name: str = "default") -> dict:
         """Record the current ranks in ``peft_config[adapter_name].rank_pattern`` (saved with the adapter)."""
         pattern = rank_pattern(self.model, adapter_name)
