@@ -42,14 +42,15 @@ class MLP(nn.Module):
         return self.head(self.act(self.lin1(self.act(self.lin0(x)))))
 
 
-def tiny_deberta(num_labels: int = 2, seed: int = 0):
+def tiny_deberta(num_labels: int = 2, seed: int = 0, dropout: float = 0.1):
     """A 2-layer DeBERTa-v2 classifier from a config (random weights, offline)."""
     from transformers import DebertaV2Config, DebertaV2ForSequenceClassification
 
     torch.manual_seed(seed)
     config = DebertaV2Config(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                              intermediate_size=64, max_position_embeddings=64, num_labels=num_labels,
-                             pad_token_id=0)
+                             pad_token_id=0, hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
+                             pooler_dropout=dropout)
     return DebertaV2ForSequenceClassification(config)
 
 

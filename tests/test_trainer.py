@@ -21,11 +21,12 @@ def dataset(n=192, seed=0):
     return Dataset.from_dict({"input_ids": ids.tolist(), "labels": labels.tolist()})
 
 
-def make_trainer(out, callbacks, max_steps=24, seed=0, **kw):
+def make_trainer(out, callbacks, max_steps=24, seed=0, dropout=0.1, **kw):
     torch.manual_seed(seed)
-    model = get_peft_model(tiny_deberta(seed=seed),
+    model = get_peft_model(tiny_deberta(seed=seed, dropout=dropout),
                            TuckerAdapterConfig(task_type="SEQ_CLS", r=2, r_max=12, tau=0.1))
-    args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=16, max_steps=max_steps,
+    kw.setdefault("per_device_train_batch_size", 16)
+    args = TrainingArguments(output_dir=str(out), max_steps=max_steps,
                              learning_rate=1e-2, logging_steps=4, save_steps=12, report_to="none", use_cpu=True,
                              seed=seed, disable_tqdm=True, **kw)
     return Trainer(model=model, args=args, train_dataset=dataset(), callbacks=callbacks)
@@ -78,3 +79,15 @@ def test_callback_refuses_model_without_adapters(tmp_path):
     trainer = Trainer(model=tiny_deberta(), args=args, train_dataset=dataset(16), callbacks=[TDLRTCallback()])
     with pytest.raises(ValueError, match="no TDLRT adapters"):
         trainer.train()
+
+
+def test_gradient_accumulation_steps_once_per_optimizer_step(tmp_path):
+    """With 2 micro-batches per optimizer step the integrator runs once per optimizer step, on the summed
+    gradients (the factors' .grad accumulates like any gradient)."""
+    callback = TDLRTCallback()
+    trainer = make_trainer(tmp_path, [callback], max_steps=6, per_device_train_batch_size=8,
+                           gradient_accumulation_steps=2)
+    trainer.train()
+    assert trainer.state.global_step == 6
+    assert callback.integrator.num_steps == 6
+    assert any(r != (2, 2) for r in adapter_ranks(trainer.model).values())
