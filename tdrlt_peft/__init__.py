@@ -5,13 +5,15 @@
 """
 
 from .callback import TDLRTCallback
+from .checkpoint import IncompleteCheckpointError, last_complete_checkpoint, verify_checkpoint
 from .config import TuckerAdapterConfig
+from .factorized import FactorizedConv, FactorizedLinear, factorize
 from .integrator import TDLRTIntegrator, adapter_ranks, count_active_parameters, rank_statistics
 from .layer import TDLRTLayer
 from .model import TDLRTModel
+from .peft_patches import patch_peft_model
 from .registration import register
 from .storage import IntegratorNotRunError
-from .peft_patches import patch_peft_model
 from .trainer import TDLRTTrainer
 
 register(TuckerAdapterConfig, TDLRTModel)
@@ -22,4 +24,6 @@ __all__ = [
     "TuckerAdapterConfig", "TDLRTModel", "TDLRTLayer", "TDLRTCallback", "TDLRTIntegrator", "TDLRTTrainer",
     "IntegratorNotRunError",
     "adapter_ranks", "count_active_parameters", "rank_statistics",
+    "FactorizedLinear", "FactorizedConv", "factorize",
+    "IncompleteCheckpointError", "last_complete_checkpoint", "verify_checkpoint",
 ]

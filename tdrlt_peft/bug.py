@@ -51,7 +51,7 @@ class AugmentedPoint:
     sizes: list[int]                     # r̂_i (unfactorized modes: n_i)
     widths: list[int]                    # active widths written to the storage (matrix: max(r̂_1, r̂_2) twice)
     moments: AdamMoments | None          # Adam moments at the old ranks
-    saved: tuple[Tensor, list[Tensor | None], list[int]]   # storage core, factors, ranks before the step
+    saved: tuple[Tensor, list[Tensor | None], list[int], list[Tensor]]   # storage before the step (+ Adam buffers)
 
 
 def augment(s: LowRankStorage, with_moments: bool) -> AugmentedPoint:
@@ -78,7 +78,8 @@ def augment(s: LowRankStorage, with_moments: bool) -> AugmentedPoint:
     if with_moments and s.moments is not None:
         index = tuple(slice(0, r) for r in ranks)
         moments = AdamMoments(*(t[index].to(dtype) for t in s.moments.tensors()))
-    saved = (s.core.detach().clone(), [None if U is None else U.detach().clone() for U in s.factors], ranks)
+    buffers = [] if s.moments is None else [t.clone() for t in s.moments.tensors()]
+    saved = (s.core.detach().clone(), [None if U is None else U.detach().clone() for U in s.factors], ranks, buffers)
     return AugmentedPoint(s, core.to(dtype), bases, sizes, widths, moments, saved)
 
 
@@ -92,12 +93,14 @@ def write_augmented_point(point: AugmentedPoint) -> None:
 @torch.no_grad()
 def restore(point: AugmentedPoint) -> None:
     """Put the storage back exactly as it was before the step."""
-    core, factors, ranks = point.saved
+    core, factors, ranks, buffers = point.saved
     s = point.storage
     s.core.copy_(core)
     for U, old in zip(s.factors, factors):
         if U is not None:
             U.copy_(old)
+    for buffer, old in zip(() if s.moments is None else s.moments.tensors(), buffers):
+        buffer.copy_(old)
     s.ranks[:] = ranks
     s.rank_buffer.copy_(torch.tensor(ranks, dtype=s.rank_buffer.dtype))
 

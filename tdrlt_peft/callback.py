@@ -7,11 +7,14 @@ the Trainer's optimizer never touches the factors) -> scheduler -> ``on_step_end
 
 from __future__ import annotations
 
+import os
 import sys
 
 from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from .integrator import TDLRTIntegrator, iter_storages, rank_statistics
+from .checkpoint import mark_complete
+from .integrator import TDLRTIntegrator, _all_finite, adapter_ranks, iter_storages, rank_statistics
 
 
 class TDLRTCallback(TrainerCallback):
@@ -49,7 +52,18 @@ class TDLRTCallback(TrainerCallback):
         if self.integrator is None:
             raise RuntimeError("TDLRTCallback: on_train_begin was not called; pass the callback to the Trainer.")
         _unscale_fp16(optimizer)
+        if not _gradients_finite(optimizer):
+            # an fp16 GradScaler skips this optimizer step (inf/NaN in any unscaled gradient): skip the adapters too
+            self.integrator.skip_step("non-finite gradients")
+            return
         self.integrator.step(optimizer.param_groups[0]["lr"])
+
+    def on_save(self, args, state, control, model=None, **kwargs):
+        # the Trainer has written every file of checkpoint-N: mark it complete (see checkpoint.py)
+        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        ranks = {name.removeprefix("base_model.model."): list(r) for name, r in adapter_ranks(model).items()
+                 } if model is not None else {}
+        mark_complete(folder, state.global_step, is_main_process=args.should_save, ranks=ranks)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         # keep the live config's rank_pattern current so every checkpoint records the ranks
@@ -73,6 +87,12 @@ def _active_config(model):
         return None
     active = getattr(model, "active_adapter", None)
     return configs.get(active if isinstance(active, str) else next(iter(configs)))
+
+
+def _gradients_finite(optimizer) -> bool:
+    """Whether every gradient of the optimizer's parameters is finite (the fp16 scaler's skip test)."""
+    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    return _all_finite(grads)
 
 
 def _unscale_fp16(optimizer) -> None:

@@ -26,7 +26,6 @@ Gradients go into ``.grad`` at the storage width (zeros past the active rank) fo
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .geometry import compute_dtype
+from .integrator import single_threaded_linalg
 from .step import unfolding_bases
 from .storage import StepTracker
 from .tucker import fold, multi_mode_dot, unfold
@@ -126,26 +126,13 @@ def channel_gram(A: Tensor, B: Tensor) -> Tensor:
     return torch.tensordot(A, B, dims=(other, other))
 
 
-@contextlib.contextmanager
-def _one_thread(device: torch.device):
-    """Tiny QRs on one CPU thread: multi-threaded LAPACK spends ~1000x longer synchronising than computing
-    (measured on 2 cores: QR of 72x8 15 ms vs 15 us); ``TDLRTIntegrator.step`` computes its Q_i the same way."""
-    if device.type != "cpu":
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def core_unfolding_bases(core: Tensor, factored: list[bool]) -> tuple[list[Tensor | None], list[Tensor | None]]:
-    """``Q_i`` and ``R_i`` of ``Mat_i(C)^T = Q_i R_i`` for the factorized modes, as the integrator computes the
-    ``Q_i`` (same function, same dtype: the K-gradients must use the very ``Q_i`` of the step)."""
+    """``Q_i`` and ``R_i`` of ``Mat_i(C)^T = Q_i R_i`` for the factorized modes, computed as the integrator
+    computes its ``Q_i`` (same QR, same dtype, one thread; the batched step's stacked QR gives the same bits): the
+    K-gradients must use the very ``Q_i`` of the step, since ``Q_i`` is arbitrary where ``Mat_i(C)`` is
+    rank-deficient. One thread also because multi-threaded LAPACK is ~1000x slower on such tiny QRs."""
     dtype = compute_dtype(core.dtype)
-    with torch.no_grad(), _one_thread(core.device):
+    with torch.no_grad(), single_threaded_linalg(core.device):
         work = core.detach().to(dtype)
         qs = unfolding_bases(work, factored, matrix=False)
         # R_i = Q_i^T Mat_i(C)^T   (q_i, r_i)
@@ -189,7 +176,7 @@ class TuckerConvFunction(torch.autograd.Function):
         qs, rs, stored = rest[:d], rest[d:2 * d], iter(rest[2 * d:])
         factors = [next(stored) if f else None for f in ctx.factored]
         ranks, geometry = ctx.ranks, ctx.geometry
-        C, U = _slices(core, factors, ranks)
+        _, U = _slices(core, factors, ranks)
         spatial = [None, None, *U[2:]]
         delta = dy.to(core.dtype) * ctx.scale             # (B, out, *S')
         grads: list[Tensor | None] = [None] * d

@@ -103,5 +103,12 @@ def truncation_rank(sigma: Tensor, tau: float, r_min: int, r_max: int, absolute:
 
 
 def orthonormalize(U: Tensor) -> tuple[Tensor, Tensor]:
-    """Reduced QR ``U = Q R``; callers keep ``W`` fixed by multiplying the core by ``R`` in that mode."""
-    return torch.linalg.qr(U)
+    """Reduced QR ``U = Q R`` with ``diag(R) >= 0``; callers keep ``W`` fixed by multiplying the core by ``R``.
+
+    LAPACK's Householder QR often returns ``R_jj = -1`` for a nearly orthonormal ``U``, which would flip the sign
+    of core slices while the Adam moments stored beside the core keep theirs. With the signs moved into ``Q``
+    (``Q diag(s) diag(s) R = Q R``), ``R = I + O(eps)`` and the coordinates of the core do not change.
+    """
+    Q, R = torch.linalg.qr(U)
+    signs = torch.where(torch.diagonal(R) < 0, -1.0, 1.0).to(R.dtype)
+    return Q * signs, R * signs[:, None]

@@ -6,6 +6,7 @@ from peft.tuners.tuners_utils import BaseTuner
 from peft.utils.other import get_pattern_key
 from torch import nn
 
+from .checkpoint import check_saved_adapter
 from .config import TRANSFORMERS_MODELS_TO_TDLRT_TARGET_MODULES_MAPPING, TuckerAdapterConfig
 from .conv import CONV_LAYER_TYPES
 from .integrator import adapter_ranks
@@ -22,6 +23,16 @@ class TDLRTModel(BaseTuner):
     prefix: str = PREFIX
     tuner_layer_cls = TDLRTLayer
     target_module_mapping = TRANSFORMERS_MODELS_TO_TDLRT_TARGET_MODULES_MAPPING
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
+        # all or nothing: a target that cannot be adapted (unsupported type, grouped convolution) raises after the
+        # targets before it were replaced; put the original modules back so that the user's model is unchanged
+        originals = list(model.named_modules())
+        try:
+            super().inject_adapter(model, adapter_name, *args, **kwargs)
+        except Exception:
+            _restore_modules(model, originals)
+            raise
 
     def _create_and_replace(self, config: TuckerAdapterConfig, adapter_name: str, target: nn.Module,
                             target_name: str, parent: nn.Module, current_key: str, **optional_kwargs) -> None:
@@ -73,6 +84,31 @@ class TDLRTModel(BaseTuner):
         to_return = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
         config.rank_pattern = rank_pattern(model, adapter_name)
         return to_return
+
+    def _replace_module(self, parent, child_name, new_module, child) -> None:
+        # unloading a modules_to_save copy of a module without .weight (e.g. BertPooler): the base
+        # implementation copies child.weight unconditionally
+        if not hasattr(new_module, "base_layer") and not hasattr(child, "weight"):
+            setattr(parent, child_name, new_module)
+            return
+        super()._replace_module(parent, child_name, new_module, child)
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        # peft >= 0.21 load hook, before anything is loaded: refuse a checkpoint for other modules (PEFT would
+        # load the overlap silently)
+        check_saved_adapter(model, adapter_name, state_dict)
+        return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+
+
+def _restore_modules(model: nn.Module, originals: list[tuple[str, nn.Module]]) -> None:
+    """Put every submodule back where ``model.named_modules()`` found it (parents before children)."""
+    for name, module in originals:
+        if name:
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            if parent._modules.get(child) is not module:
+                parent._modules[child] = module
 
 
 def rank_pattern(model: nn.Module, adapter_name: str) -> dict:

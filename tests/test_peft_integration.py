@@ -230,3 +230,21 @@ def test_unsupported_layer_type_is_refused():
 def test_unknown_target_modules_are_reported():
     with pytest.raises(ValueError, match="nonexistent"):
         get_peft_model(MLP(), TuckerAdapterConfig(target_modules=["nonexistent"]))
+
+
+def test_merge_and_unload_with_weightless_module_to_save():
+    """modules_to_save naming a module without .weight (BERT's pooler) survives merge_and_unload."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=32)
+    model = get_peft_model(BertForSequenceClassification(config),
+                           TuckerAdapterConfig(task_type="SEQ_CLS", r=2, r_max=8, modules_to_save=["pooler"]))
+    model.eval()
+    ids = torch.randint(1, 50, (2, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        model.base_model.model.bert.pooler.modules_to_save["default"].dense.weight.add_(0.1)
+        expected = model(input_ids=ids).logits
+        merged = model.merge_and_unload()
+        torch.testing.assert_close(merged(input_ids=ids).logits, expected, atol=ATOL, rtol=0)

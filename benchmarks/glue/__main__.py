@@ -3,6 +3,7 @@
 import logging
 import sys
 import time
+import warnings
 
 from . import RunnerError
 
@@ -22,6 +23,8 @@ def main(argv: list[str] | None = None) -> int:
 
         datasets.disable_progress_bars()  # the Trainer's progress bar is the one that matters
         transformers.logging.set_verbosity_error()  # e.g. the load report of the freshly initialised head
+        transformers.logging.disable_progress_bar()  # weight loading; the Trainer's bar stays
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")  # peft on transformers 5
         run_all(args)
         table = write_report(args.run.output_dir)
     except RunnerError as err:

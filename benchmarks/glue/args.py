@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from transformers import HfArgumentParser
 
 from . import RunnerError
-from .data import ROTTEN_TOMATOES, task_to_keys
+from .data import ROTTEN_TOMATOES, glue_files, task_to_keys
 from .recipes import PRESETS, Recipe
 
 METHODS = ("tdlrt", "lora", "adalora", "full")
@@ -129,4 +129,7 @@ def validate(args: Args) -> Args:
         raise RunnerError(f"--dataset {ROTTEN_TOMATOES} is an SST-2 stand-in: use it with --task sst2")
     if not args.run.seeds:
         raise RunnerError("--seeds needs at least one seed")
+    if args.data.data_dir is not None and args.data.dataset == "glue":
+        for task in args.data.task:  # every missing file is reported before anything slow starts
+            glue_files(task, args.data.data_dir)
     return args

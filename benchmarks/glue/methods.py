@@ -9,6 +9,9 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import torch
+import transformers
+from packaging import version
 from torch import nn
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
 
@@ -18,6 +21,7 @@ from .recipes import OFFLINE_MODEL, Recipe, adalora_schedule
 
 _LAYER = re.compile(r"\.layers?\.\d+\.")  # encoder blocks: "...encoder.layer.3.attention.self.query_proj"
 _HEADS = ("pooler", "classifier", "score")
+_DTYPE_ARG = "dtype" if version.parse(transformers.__version__) >= version.parse("4.56") else "torch_dtype"
 
 
 def resolve_model_path(name: str) -> str:
@@ -53,7 +57,9 @@ def load_backbone(name: str, task: str, cls_dropout: float) -> nn.Module:
     for attr in ("pooler_dropout", "classifier_dropout"):  # DeBERTa: pooler_dropout; BERT: classifier_dropout
         if hasattr(config, attr):
             setattr(config, attr, cls_dropout)
-    return _load(AutoModelForSequenceClassification, name, config=config, ignore_mismatched_sizes=True)
+    # float32 weights whatever the checkpoint stores (transformers 5 loads dtype="auto"); --fp16/--bf16 = autocast
+    dtype = {_DTYPE_ARG: torch.float32}
+    return _load(AutoModelForSequenceClassification, name, config=config, ignore_mismatched_sizes=True, **dtype)
 
 
 def default_target_modules(model: nn.Module) -> list[str]:

@@ -6,6 +6,7 @@ Spearman correlation; every other task: accuracy. MNLI's two dev sets are scored
 """
 
 import math
+import warnings
 
 import numpy as np
 from scipy.stats import pearsonr, spearmanr
@@ -24,8 +25,10 @@ def glue_metrics(task: str, predictions, labels) -> dict:
     """Metric name -> value for ``task``; ``predictions`` are class ids (scores for STS-B)."""
     predictions, labels = np.asarray(predictions), np.asarray(labels)
     if task == "stsb":
-        return {"pearson": _finite(pearsonr(predictions, labels)[0]),
-                "spearman": _finite(spearmanr(predictions, labels)[0])}
+        with warnings.catch_warnings():  # constant input: undefined, reported as None below
+            warnings.simplefilter("ignore")
+            return {"pearson": _finite(pearsonr(predictions, labels)[0]),
+                    "spearman": _finite(spearmanr(predictions, labels)[0])}
     if task == "cola":
         return {"matthews_correlation": float(matthews_corrcoef(labels, predictions))}
     out = {"accuracy": float(accuracy_score(labels, predictions))}

@@ -7,6 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .args import METHODS
+from .data import task_to_keys
+
 _RUN_KEYS = {"task", "method", "seed", "metrics", "trainable_params"}
 
 
@@ -21,12 +24,23 @@ def load_results(output_dir) -> list[dict]:
 
 
 def _groups(results: list[dict]) -> dict:
-    """(task label, method) -> runs sorted by seed, in first-seen order."""
+    """(task label, method) -> runs sorted by seed; GLUE's task order, then tdlrt, lora, adalora, full."""
     groups = defaultdict(list)
     for r in results:
         label = r["task"] if r.get("dataset", "glue") == "glue" else f"{r['task']} [{r['dataset']}]"
         groups[(label, r["method"])].append(r)
-    return {k: sorted(v, key=lambda r: r["seed"]) for k, v in groups.items()}
+
+    def order(key):
+        runs = groups[key]
+        task, method = runs[0]["task"], runs[0]["method"]
+        return (_index(task_to_keys, task), key[0], _index(METHODS, method), method)
+
+    return {k: sorted(groups[k], key=lambda r: r["seed"]) for k in sorted(groups, key=order)}
+
+
+def _index(names, name) -> int:
+    names = list(names)
+    return names.index(name) if name in names else len(names)
 
 
 def _mean_std(values) -> tuple:
@@ -95,7 +109,7 @@ def plot_rank_evolution(results: list[dict], output_dir) -> list[Path]:
         bottom.set_xlabel("optimizer step")
         bottom.set_ylabel("active params")
         fig.tight_layout()
-        path = Path(output_dir) / f"ranks_{re.sub(r'[^A-Za-z0-9]+', '_', task)}_{method}.png"
+        path = Path(output_dir) / f"ranks_{re.sub(r'[^A-Za-z0-9]+', '_', task).strip('_')}_{method}.png"
         fig.savefig(path, dpi=120)
         plt.close(fig)
         paths.append(path)

@@ -16,7 +16,7 @@ import transformers
 from transformers import DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from .args import Args
-from .data import ROTTEN_TOMATOES, glue_files, load_raw, subset, task_to_keys, tokenize
+from .data import load_raw, subset, task_to_keys, tokenize
 from .methods import build_model, load_backbone, load_tokenizer, trainable_parameters
 from .metrics import glue_metrics, predictions_from_logits
 from .recipes import Recipe, resolve_recipe
@@ -26,9 +26,6 @@ def run_all(args: Args) -> list[dict]:
     """Every (task, method, seed) of ``args``; returns the run records (also written as JSON files)."""
     out = Path(args.run.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if args.data.data_dir is not None and args.data.dataset != ROTTEN_TOMATOES:
-        for task in args.data.task:  # all missing files are reported before any training starts
-            glue_files(task, args.data.data_dir)
     tokenizer = load_tokenizer(args.model.model)
     plan = [(m, s) for m in args.model.method for s in args.run.seeds]
     results, done = [], 0
@@ -56,11 +53,11 @@ def prepare_data(task: str, args: Args, tokenizer, max_length: int):
 
 
 def total_steps(n_train: int, recipe: Recipe, args: Args) -> int:
-    """Optimizer steps of the run, as the Trainer counts them (needed up front by AdaLoRA's schedule)."""
+    """Optimizer steps of a one-device run, as the Trainer counts them (AdaLoRA's schedule needs them first)."""
     if args.run.max_steps > 0:
         return args.run.max_steps
     batches = math.ceil(n_train / recipe.per_device_train_batch_size)
-    per_epoch = max(1, batches // args.run.gradient_accumulation_steps)
+    per_epoch = max(1, math.ceil(batches / args.run.gradient_accumulation_steps))
     return math.ceil(recipe.num_train_epochs * per_epoch)
 
 
@@ -86,12 +83,12 @@ def run_one(task: str, method: str, seed: int, args: Args, recipe: Recipe, token
     spec = task_to_keys[task]
     result = {
         "task": task, "method": method, "seed": seed, "model": args.model.model,
-        "dataset": args.data.dataset if args.data.data_dir is None else f"glue:{args.data.data_dir}",
+        "dataset": args.data.dataset, "data_dir": args.data.data_dir,
         "metrics": metrics, "main_metric": spec.main_metric, "score": metrics[spec.main_metric],
         "trainable_params": int(built.active_params()),
         "stored_trainable_params": trainable_parameters(built.model),
         "total_params": sum(p.numel() for p in built.model.parameters()),
-        "ranks": {k: list(v) for k, v in built.ranks().items()} if built.ranks else None,
+        "ranks": _ranks(built) if built.ranks else None,
         "rank_history": history.records if history else None,
         "train_seconds": train_seconds, "eval_seconds": eval_seconds,
         "peak_memory_mb": peak.mb, "peak_memory_kind": peak.kind,
@@ -99,7 +96,8 @@ def run_one(task: str, method: str, seed: int, args: Args, recipe: Recipe, token
         "train_examples": len(data["train"]),
         "eval_examples": {s.hub_split: len(data[s.hub_split]) for s in spec.eval_splits},
         "optimizer_steps": trainer.state.global_step, "learning_rate": built.learning_rate,
-        "recipe": dataclasses.asdict(recipe), "log_history": trainer.state.log_history,
+        "recipe": dataclasses.asdict(recipe), "adapter_config": _adapter_config(built.model),
+        "log_history": trainer.state.log_history,
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "peft": peft.__version__},
     }
@@ -108,6 +106,19 @@ def run_one(task: str, method: str, seed: int, args: Args, recipe: Recipe, token
     if on_gpu:
         torch.cuda.empty_cache()
     return result
+
+
+def _ranks(built) -> dict:
+    """Module -> ranks per mode, named as in the transformers model (without PEFT's ``base_model.model.``)."""
+    return {k.removeprefix("base_model.model."): list(v) for k, v in built.ranks().items()}
+
+
+def _adapter_config(model) -> dict | None:
+    """The PEFT config as used (e.g. AdaLoRA's rescaled schedule); None for full fine-tuning."""
+    config = getattr(model, "peft_config", {}).get("default")
+    if config is None:
+        return None
+    return json.loads(json.dumps(config.to_dict(), default=lambda v: sorted(v) if isinstance(v, set) else str(v)))
 
 
 def _training_arguments(output_dir: str, seed: int, learning_rate: float, recipe: Recipe, args: Args):
@@ -120,6 +131,7 @@ def _training_arguments(output_dir: str, seed: int, learning_rate: float, recipe
         weight_decay=recipe.weight_decay, max_grad_norm=args.run.max_grad_norm, lr_scheduler_type="linear",
         logging_steps=args.run.logging_steps, eval_strategy="no", save_strategy="no", report_to="none",
         fp16=args.run.fp16, bf16=args.run.bf16, use_cpu=args.run.use_cpu, disable_tqdm=False,
+        dataloader_pin_memory=torch.cuda.is_available() and not args.run.use_cpu,
     )
 
 
@@ -141,7 +153,7 @@ class RankHistory(TrainerCallback):
 
     def _record(self, step: int):
         if not self.records or self.records[-1]["step"] != step:
-            ranks = {k: list(v) for k, v in self.built.ranks().items()}
+            ranks = _ranks(self.built)
             active = int(self.built.active_params())
             self.records.append({"step": step, "active_params": active, "ranks": ranks})
 

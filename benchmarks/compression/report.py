@@ -1,0 +1,106 @@
+"""Markdown table and accuracy-vs-compression plot from the run JSONs."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from .methods import LABELS
+
+ORDER = {"dense": 0, "tdlrt": 1, "tucker-gd": 2, "matrix": 3}
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
+def _ranks_text(ranks: dict) -> str:
+    return ", ".join("x".join(str(r) for r in rs) for rs in ranks.values()) or "-"
+
+
+def summarize(results: list[dict]) -> list[dict]:
+    """One row per (network, method, tau): means over seeds."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in results:
+        groups[(r["network"], r["method"], r["tau"])].append(r)
+    rows = []
+    for (network, kind, tau), runs in groups.items():
+        runs = sorted(runs, key=lambda r: r["seed"])
+        acc, acc_std = _mean_std([100 * r["accuracy"] for r in runs])
+        time, time_std = _mean_std([r["wall_time_s"] for r in runs])
+        cpu = [r["cpu_time_s"] for r in runs if "cpu_time_s" in r]
+        rows.append({"network": network, "method": kind, "tau": tau, "label": runs[0]["label"], "seeds": len(runs),
+                     "conv_params": float(np.mean([r["conv_params"] for r in runs])),
+                     "compression": float(np.mean([r["compression"] for r in runs])),
+                     "accuracy": acc, "accuracy_std": acc_std, "time": time, "time_std": time_std,
+                     "cpu_time": float(np.mean(cpu)) if cpu else float("nan"),
+                     "ranks": _ranks_text(runs[0]["ranks"]), "accuracies": [r["accuracy"] for r in runs]})
+    return sorted(rows, key=lambda r: (r["network"], ORDER[r["method"]], r["tau"] or 0.0))
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = ["| network | method | conv params | compression | test acc. (%) | wall time (s) | CPU time (s) | "
+             "ranks (seed 0) |", "|---|---|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        lines.append(f"| {r['network']} | {r['label']} | {r['conv_params']:.0f} | {100 * r['compression']:.1f} % | "
+                     f"{r['accuracy']:.2f} ± {r['accuracy_std']:.2f} | {r['time']:.0f} ± {r['time_std']:.0f} | "
+                     f"{r['cpu_time']:.0f} | {r['ranks']} |")
+    return "\n".join(lines)
+
+
+def paired_table(results: list[dict]) -> str:
+    """TDLRT minus fixed-rank GD at the same ranks (same seed): accuracy difference in points."""
+    by_key = {(r["network"], r["method"], r["tau"], r["seed"]): r for r in results}
+    lines = ["| network | tau | compression | TDLRT − fixed-rank GD (points, mean ± std over seeds) |",
+             "|---|---:|---:|---:|"]
+    pairs: dict[tuple, list[float]] = defaultdict(list)
+    compression: dict[tuple, list[float]] = defaultdict(list)
+    for (network, kind, tau, seed), r in by_key.items():
+        other = by_key.get((network, "tucker-gd", tau, seed))
+        if kind == "tdlrt" and other is not None:
+            pairs[(network, tau)].append(100 * (r["accuracy"] - other["accuracy"]))
+            compression[(network, tau)].append(r["compression"])
+    for (network, tau), diffs in sorted(pairs.items()):
+        mean, std = _mean_std(diffs)
+        lines.append(f"| {network} | {tau:g} | {100 * np.mean(compression[(network, tau)]):.1f} % | "
+                     f"{mean:+.2f} ± {std:.2f} |")
+    return "\n".join(lines) if pairs else ""
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    networks = sorted({r["network"] for r in rows})
+    fig, axes = plt.subplots(1, len(networks), figsize=(6 * len(networks), 4.2), squeeze=False)
+    for ax, network in zip(axes[0], networks):
+        for kind, marker in [("tdlrt", "o"), ("tucker-gd", "s"), ("matrix", "^")]:
+            points = [r for r in rows if r["network"] == network and r["method"] == kind]
+            if points:
+                ax.errorbar([100 * p["compression"] for p in points], [p["accuracy"] for p in points],
+                            yerr=[p["accuracy_std"] for p in points], marker=marker, linestyle="-", capsize=3,
+                            label=LABELS[kind])
+        for r in rows:
+            if r["network"] == network and r["method"] == "dense":
+                ax.axhline(r["accuracy"], color="black", linestyle="--", label="dense")
+                ax.axhspan(r["accuracy"] - r["accuracy_std"], r["accuracy"] + r["accuracy_std"], color="0.85")
+        ax.set_title(network)
+        ax.set_xlabel("convolution compression (%)")
+        ax.set_ylabel("test accuracy (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(results: list[dict], output_dir: Path, header: str) -> str:
+    rows = summarize(results)
+    text = "\n\n".join(part for part in [header, markdown_table(rows), paired_table(results)] if part)
+    (output_dir / "results.md").write_text(text + "\n")
+    plot(rows, output_dir / "accuracy_vs_compression.png")
+    return text

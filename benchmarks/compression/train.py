@@ -1,0 +1,76 @@
+"""One training run: build the method's model, train with a cosine learning rate, evaluate, measure."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from tdrlt_peft import count_active_parameters
+
+from .methods import LowRankSettings, Method, build, conv_parameter_count, conv_ranks
+from .models import NETWORKS, conv_parameters
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    method: Method
+    network: str
+    seed: int
+    epochs: int
+    batch_size: int
+    settings: LowRankSettings
+    ranks: dict | None = None   # tucker-gd: the TDLRT run's final ranks
+
+
+def train_run(spec: RunSpec, train: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.Tensor, torch.Tensor],
+              progress: bool = True) -> dict:
+    built = build(spec.method, spec.network, spec.seed, spec.settings, spec.ranks)
+    model, optimizer, integrator = built.model, built.optimizer, built.integrator
+    x, y = train
+    generator = torch.Generator().manual_seed(spec.seed)
+    steps_per_epoch = math.ceil(len(y) / spec.batch_size)
+    total = spec.epochs * steps_per_epoch
+    lr = spec.settings.lr
+    bar = tqdm(total=total, desc=f"{spec.network} {spec.method.label} seed {spec.seed}", leave=False,
+               disable=not progress, dynamic_ncols=True)
+    start, cpu_start = time.perf_counter(), time.process_time()
+    step, loss = 0, float("nan")
+    model.train()
+    for _ in range(spec.epochs):
+        for batch in torch.randperm(len(y), generator=generator).split(spec.batch_size):
+            current = 0.5 * lr * (1 + math.cos(math.pi * step / total))   # cosine schedule, no warm-up
+            for group in optimizer.param_groups:
+                group["lr"] = current
+            loss = nn.functional.cross_entropy(model(x[batch]), y[batch])
+            loss.backward()
+            if integrator is not None:
+                integrator.step(current)   # TDLRT step of the factorized convolutions (clears their grads)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            bar.update()
+            if step % 20 == 0:
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+    train_time, cpu_time = time.perf_counter() - start, time.process_time() - cpu_start
+    bar.close()
+    accuracy = evaluate(model, *test)
+    full = conv_parameters(NETWORKS[spec.network]())
+    stored = conv_parameter_count(model)
+    return {"network": spec.network, "method": spec.method.kind, "tau": spec.method.tau,
+            "label": spec.method.label, "seed": spec.seed, "accuracy": accuracy, "final_loss": loss.item(),
+            "conv_params": stored, "conv_params_full": full, "compression": 1 - stored / full,
+            "trainable_params": count_active_parameters(model), "ranks": conv_ranks(model),
+            "wall_time_s": train_time, "cpu_time_s": cpu_time, "settings": asdict(spec.settings), "epochs": spec.epochs,
+            "train_size": len(y), "test_size": len(test[1]), "batch_size": spec.batch_size}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> float:
+    model.eval()
+    correct = sum((model(xb).argmax(1) == yb).sum().item() for xb, yb in zip(x.split(batch_size), y.split(batch_size)))
+    return correct / len(y)
