@@ -278,6 +278,8 @@ def factorize(model: nn.Module, target_modules: Sequence[str] | str | None = Non
     for name in chosen:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
+        if isinstance(r, Mapping) and name not in r:
+            raise ValueError(f"factorize: r maps module names to ranks but has no entry for {name!r}.")
         ranks = r[name] if isinstance(r, Mapping) else r
         setattr(parent, child, factorized_from(getattr(parent, child), r=ranks, module_name=name, **kwargs))
     return model
