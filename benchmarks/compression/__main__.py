@@ -25,8 +25,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--taus", nargs="+", type=float, default=[0.2, 0.25, 0.3],
                    help="relative truncation tolerances of TDLRT and matrix DLRT")
     p.add_argument("--seeds", type=int, default=3, help="number of seeds (0, 1, ...)")
-    p.add_argument("--epochs", type=int, default=4)
-    p.add_argument("--train-size", type=int, default=4000, help="fixed random subset of the 60k training images")
+    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--train-size", type=int, default=8000, help="fixed random subset of the 60k training images")
     p.add_argument("--test-size", type=int, default=10000, help="test images (10k = the whole test set)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate of every method (cosine decay)")

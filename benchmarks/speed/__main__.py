@@ -20,7 +20,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--layers", type=int, default=12, help="DeBERTa encoder layers (6 adapters each)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--conv-batch-size", type=int, default=16)
+    p.add_argument("--conv-batch-size", type=int, default=128,
+                   help="VGG16 batch (32x32 images; 128 is the usual CIFAR-10 batch; --quick: 16)")
     p.add_argument("--steps", type=int, default=None, help="timed steps per method (default 5 on cpu, 20 on cuda)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--r", type=int, default=8, help="LoRA rank and TDLRT initial rank")
@@ -34,7 +35,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output-dir", type=Path, default=Path("outputs/speed"))
     args = p.parse_args(argv)
     if args.quick:
-        args.layers, args.warmup = min(args.layers, 2), 1
+        args.layers, args.warmup, args.conv_batch_size = min(args.layers, 2), 1, min(args.conv_batch_size, 16)
         args.steps = args.steps or 2
     args.steps = args.steps or (20 if args.device.startswith("cuda") else 5)
     return args
@@ -88,6 +89,12 @@ def main(argv: list[str] | None = None) -> int:
         counts, ranks = ([12, 24], [4, 8]) if args.quick else ([12, 24, 48, 72, 144], [4, 8, 16, 32, 64])
         results["scaling"] = sweep(counts, ranks, base_adapters=24 if args.quick else 72, base_rank=8, device=device,
                                    warmup=1, steps=2 if args.quick else 5)
+    if args.profile and "scaling" not in args.skip:
+        from .scaling import profile_integrator
+
+        args.output_dir.mkdir(parents=True, exist_ok=True)
+        table = profile_integrator(24 if args.quick else 72, 8, device)
+        (args.output_dir / f"profile_integrator_{device.type}.txt").write_text(table)
     results["settings"]["load_after"] = [round(x, 2) for x in os.getloadavg()]
     results["settings"]["wall_s"] = round(time.perf_counter() - start, 1)
     table = report.write(results, args.output_dir)

@@ -26,10 +26,10 @@ def training_table(result: dict, cpu_columns: bool) -> list[str]:
             "| ms, median | LoRA | TDLRT | TDLRT / LoRA |" + extra,
             "|---|---:|---:|---:|" + ("---:|" * 3 * cpu_columns)]
     for phase in PHASES:
-        ratio = phase != "integrator"       # LoRA has none: only the two clock reads
-        row = f"| {phase} | {_cells(lora['median_s'][phase] * 1e3, tdlrt['median_s'][phase] * 1e3, 1, ratio)} |"
+        show = phase != "integrator"       # LoRA has none: only the two clock reads
+        row = f"| {phase} | {_cells(lora['median_s'][phase] * 1e3, tdlrt['median_s'][phase] * 1e3, 1, show)} |"
         if cpu_columns:
-            row += f" {_cells(lora['median_cpu_s'][phase] * 1e3, tdlrt['median_cpu_s'][phase] * 1e3, 1, ratio)} |"
+            row += f" {_cells(lora['median_cpu_s'][phase] * 1e3, tdlrt['median_cpu_s'][phase] * 1e3, 1, show)} |"
         rows.append(row)
     blank = " | | |" if cpu_columns else ""
     rows.append(f"| total: median of per-step ratios | | | {ratio['total_paired_median']:.3f} |" + blank)

@@ -19,7 +19,7 @@ from torch import nn
 from tdrlt_peft import TDLRTIntegrator, TuckerAdapterConfig
 from tdrlt_peft.integrator import iter_storages
 
-from .measure import clock
+from .measure import clock, profile_table
 
 BLOCK_LINEARS = {"query_proj": (768, 768), "key_proj": (768, 768), "value_proj": (768, 768), "dense": (768, 768),
                  "intermediate": (768, 3072), "output": (3072, 768)}
@@ -80,3 +80,18 @@ def sweep(adapter_counts, ranks, base_adapters: int, base_rank: int, device: tor
           steps: int) -> dict:
     return {"against_adapters": [time_integrator(n, base_rank, device, warmup, steps) for n in adapter_counts],
             "against_rank": [time_integrator(base_adapters, r, device, warmup, steps) for r in ranks]}
+
+
+def profile_integrator(num_adapters: int, rank: int, device: torch.device) -> str:
+    """``torch.profiler`` table of one batched integrator step (after one warm-up step)."""
+    model = adapter_stack(num_adapters, rank, device)
+    grads = random_gradients(model, torch.Generator().manual_seed(0))
+    integrator = TDLRTIntegrator(model)
+
+    def step():
+        for p, grad in grads:
+            p.grad = grad
+        integrator.step(1e-3)
+
+    step()
+    return profile_table(step, device)
