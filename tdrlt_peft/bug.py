@@ -32,10 +32,9 @@ import torch
 from torch import Tensor, nn
 
 from .adam import AdamMoments, adam_direction, pad_moments
-from .geometry import augment_basis, compute_dtype, truncation_rank
-from .step import Proposal, RankBounds, apply, pad_to
+from .geometry import augment_basis, compute_dtype
+from .step import Proposal, apply, pad_to, truncation_proposal
 from .storage import LowRankStorage
-from .tucker import unfold
 
 if TYPE_CHECKING:
     from .integrator import TDLRTIntegrator
@@ -118,25 +117,6 @@ def galerkin_proposal(point: AugmentedPoint, core_grad: Tensor, lr: float, adam:
         core_hat = core_hat0 - lr * (direction + adam.get("weight_decay", 0.0) * core_hat0)
     return truncation_proposal(core_hat, point.bases, point.storage.bounds, point.storage.storage_ranks(),
                                point.storage.matrix, moments)
-
-
-def truncation_proposal(core_hat: Tensor, bases: list[Tensor | None], bounds: RankBounds, storage_ranks: list[int],
-                        matrix: bool, moments: AdamMoments | None) -> Proposal:
-    """The SVDs ``Mat_i(Ĉ) = P_i Σ_i ...`` and the tau-rule ranks of step 3 (as ``step.propose``)."""
-    svds: list[tuple[Tensor, Tensor] | None] = []
-    ranks: list[int] = []
-    for i, U in enumerate(bases):
-        if U is None:
-            svds.append(None)
-            ranks.append(core_hat.shape[i])
-            continue
-        P, sigma, _ = torch.linalg.svd(unfold(core_hat, i), full_matrices=False)
-        svds.append((P, sigma))
-        ranks.append(truncation_rank(sigma, bounds.tau, bounds.r_min, min(bounds.r_max, storage_ranks[i]),
-                                     bounds.absolute))
-    if matrix:
-        ranks = [min(ranks)] * 2                                 # U S V^T: one shared rank
-    return Proposal(bases=bases, core=core_hat, svds=svds, ranks=ranks, moments=moments)
 
 
 def bug_step(integrator: TDLRTIntegrator, lr: float, closure: Callable[[], Tensor | float | None]) -> bool:

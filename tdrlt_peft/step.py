@@ -114,7 +114,12 @@ def propose(core: Tensor, factors: Sequence[Tensor | None], core_grad: Tensor,
         direction, moments = adam_direction(grad_hat, moments, adam["betas"], adam["eps"])
         core_hat = core_pad - lr * (direction + adam.get("weight_decay", 0.0) * core_pad)
     bases = [None if U is None else torch.cat([U, new], dim=1) for U, new in zip(factors, new_bases)]
+    return truncation_proposal(core_hat, bases, bounds, storage_ranks, matrix, moments)
 
+
+def truncation_proposal(core_hat: Tensor, bases: list[Tensor | None], bounds: RankBounds,
+                        storage_ranks: Sequence[int], matrix: bool, moments: AdamMoments | None) -> Proposal:
+    """The SVDs ``Mat_i(Ĉ) = P_i Σ_i ...`` and the tau-rule ranks of step 3 (shared by the BUG step)."""
     svds: list[tuple[Tensor, Tensor] | None] = []
     ranks: list[int] = []
     for i, U in enumerate(bases):
