@@ -27,25 +27,27 @@ class LowRankLinearFunction(torch.autograd.Function):
         # x: (..., in), U: (out, R_out), S: (R_out, R_in), V: (in, R_in)
         U_r, S_r, V_r = U[:, :r], S[:r, :r], V[:, :r]
         a = x @ V_r                                  # (..., r)
-        y = (a @ S_r.T) @ U_r.T                      # (..., out)
+        # the scale multiplies the r x r core, never the (..., out) output: no pass over the activations
+        y = (a @ (scale * S_r).T) @ U_r.T            # (..., out)
         ctx.save_for_backward(x, a, U, S, V)
         ctx.r, ctx.scale, ctx.tracker = r, scale, tracker
-        return y * scale
+        return y
 
     @staticmethod
     def backward(ctx, dy: Tensor):
         x, a, U, S, V = ctx.saved_tensors
         r, dtype = ctx.r, U.dtype
         U_r, S_r, V_r = U[:, :r], S[:r, :r], V[:, :r]
-        delta = (dy * ctx.scale).reshape(-1, dy.shape[-1]).to(dtype)   # (N, out)
+        # δ = scale * dy is never formed: the scale goes onto the (N, r) factors δ U = scale (dy U) and scale * a
+        dy2 = dy.reshape(-1, dy.shape[-1]).to(dtype)                    # (N, out)
         a = a.reshape(-1, r).to(dtype)                                  # (N, r)
         x2 = x.reshape(-1, x.shape[-1]).to(dtype)                       # (N, in)
-        delta_U = delta @ U_r                                           # (N, r)
+        delta_U = (dy2 @ U_r) * ctx.scale                               # (N, r) = δ U
         dx = None
         if ctx.needs_input_grad[0]:
             dx = ((delta_U @ S_r) @ V_r.T).reshape(x.shape).to(x.dtype)
         grad_U = torch.zeros_like(U)
-        grad_U[:, :r] = delta.T @ a
+        grad_U[:, :r] = dy2.T @ (a * ctx.scale)                         # δ^T a
         grad_V = torch.zeros_like(V)
         grad_V[:, :r] = x2.T @ delta_U
         grad_S = torch.zeros_like(S)

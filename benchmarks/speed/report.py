@@ -92,6 +92,8 @@ def plot(scaling: dict, path: Path) -> None:
         ax.set_xlabel("adapters" if key == "num_adapters" else "rank r (r_max = 4 r)")
         ax.set_ylabel("integrator step (ms, median)")
         ax.set_xscale("log", base=2)
+        ax.set_xticks(x, [str(v) for v in x])
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.set_yscale("log")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
