@@ -16,7 +16,8 @@ def test_quick_speed_benchmark_writes_ratios_json_and_plot(tmp_path):
     for name in ("deberta", "vgg16"):
         run = results["training"][name]
         assert run["ratio"]["total"] > 0 and run["ratio"]["peak_memory"] > 0
-        assert run["tdlrt"]["median_s"]["integrator"] > 0 and run["lora"]["median_s"]["integrator"] == 0
+        # LoRA's "integrator" phase is two clock reads with nothing between them
+        assert run["tdlrt"]["median_s"]["integrator"] > run["lora"]["median_s"]["integrator"]
         assert run["tdlrt"]["memory_bytes"]["step_growth"] > 0
     assert results["training"]["deberta"]["num_adapters"] == 12
     assert results["training"]["deberta"]["tdlrt_ranks"]["mean"] == 8
