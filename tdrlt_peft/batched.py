@@ -29,9 +29,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .adam import AdamMoments, adam_direction
+from .adam import AdamMoments, adam_direction, transport_columns
 from .geometry import DROP_FACTOR, compute_dtype, eps, orthonormality_tolerance, orthonormalize, truncation_rank
-from .step import Proposal, apply
+from .step import Proposal, apply, column_transport, precondition_k_grads, unfolding_bases
 from .storage import LowRankStorage
 from .tucker import mode_dot
 
@@ -153,7 +153,8 @@ class GroupProposal:
     core: Tensor                                  # Ĉ (B, r̂_1, ..., r̂_d)
     svds: list[tuple[Tensor, Tensor] | None]      # P_i (B, r̂_i, m_i), sigma_i (B, m_i)
     found: list[Tensor | None]                    # directions the projected gradient has, (B,) per mode
-    moments: AdamMoments | None
+    moments: AdamMoments | None                   # (+ K-gradient moments (B, n_i, m_i) in .factors)
+    qs: list[Tensor | None]                       # Q_i of the old cores (B, prod_{j != i} r_j, m_i)
 
 
 def propose_group(storages: list[LowRankStorage], lr: float, adam: dict | None) -> GroupProposal:
@@ -176,12 +177,21 @@ def propose_group(storages: list[LowRankStorage], lr: float, adam: dict | None) 
     if adam is not None and first.moments is not None:
         per_buffer = zip(*(s.moments.tensors() for s in storages))
         moments = AdamMoments(*(stacked([t[index] for t in buffers]) for buffers in per_buffer))
+        if first.moments.factors is not None:
+            moments.factors = [
+                None if f is None else AdamMoments(*(stacked([s.moments.factors[i].tensors()[k][:, :r]
+                                                              for s in storages]) for k in range(4)))
+                for i, (f, r) in enumerate(zip(first.moments.factors, ranks))]
 
     # Q_i of Mat_i(C)^T = Q_i R_i (Tucker); a matrix adapter has Q = I
     qs = [None if first.matrix or U is None else torch.linalg.qr(batch_unfold(core, i).mT)[0]
           for i, U in enumerate(factors)]
     k_grads = [G if G is None or Q is None else G[..., : Q.shape[-1]] for G, Q in zip(k_grads, qs)]
     storage_ranks = first.storage_ranks()
+    factor_moments = None
+    k_dirs = k_grads
+    if moments is not None and moments.factors is not None:
+        k_dirs, factor_moments = precondition_k_grads(k_grads, moments.factors, adam)
     new_bases: list[Tensor | None] = []
     found: list[Tensor | None] = []
     for i, U in enumerate(factors):
@@ -190,7 +200,7 @@ def propose_group(storages: list[LowRankStorage], lr: float, adam: dict | None) 
             found.append(None)
             continue
         r = U.shape[-1]
-        new, count = batch_augment(U, k_grads[i], min(r, storage_ranks[i] - r))
+        new, count = batch_augment(U, k_dirs[i], min(r, storage_ranks[i] - r))
         new_bases.append(new)
         found.append(count)
     grad_hat = batch_augmented_gradient(core_grad, k_grads, new_bases, qs)
@@ -201,6 +211,10 @@ def propose_group(storages: list[LowRankStorage], lr: float, adam: dict | None) 
     else:
         moments = batch_pad_moments(moments, shape)
         direction, moments = adam_direction(grad_hat, moments, adam["betas"], adam["eps"])
+        if factor_moments is not None:
+            leading = (slice(None), *[slice(0, r) for r in ranks])
+            direction = batch_augmented_gradient(direction[leading], k_dirs, new_bases, qs)
+            moments.factors = factor_moments
         core_hat = core_pad - lr * (direction + adam.get("weight_decay", 0.0) * core_pad)
     bases = [None if U is None else torch.cat([U, new], dim=-1) for U, new in zip(factors, new_bases)]
     svds: list[tuple[Tensor, Tensor] | None] = []
@@ -210,7 +224,8 @@ def propose_group(storages: list[LowRankStorage], lr: float, adam: dict | None) 
             continue
         P, sigma, _ = torch.linalg.svd(batch_unfold(core_hat, i), full_matrices=False)
         svds.append((P, sigma))
-    return GroupProposal(storages=storages, bases=bases, core=core_hat, svds=svds, found=found, moments=moments)
+    return GroupProposal(storages=storages, bases=bases, core=core_hat, svds=svds, found=found, moments=moments,
+                         qs=qs)
 
 
 def group_ranks(proposal: GroupProposal, sigmas: list[Tensor | None], found: list[list[int] | None]
@@ -277,7 +292,41 @@ def apply_group(proposal: GroupProposal, ranks: list[list[int]], rank_table: Ten
         factors.append(U_hat @ P_k)
         rotations.append(P_k)
     moments = None if proposal.moments is None else batch_rotate_moments(proposal.moments, rotations)
+    if moments is not None and proposal.moments.factors is not None:
+        moments.factors = batch_transport_factor_moments(proposal, rotations, core, ranks)
     return GroupResult(core=core, factors=factors, moments=moments, ranks=ranks, rank_table=rank_table)
+
+
+def batch_transport_factor_moments(proposal: GroupProposal, rotations: list[Tensor | None], core: Tensor,
+                                   ranks: list[list[int]]) -> list[AdamMoments | None]:
+    """``step.transport_factor_moments`` for a group: the K-gradient moments in the new cores' column coordinates,
+    zero past each adapter's new width. Matrix: ``T = P_other[:r_other, :k]`` batched; Tucker: per adapter."""
+    old_ranks = list(proposal.storages[0].ranks)
+    out: list[AdamMoments | None] = []
+    for i, state in enumerate(proposal.moments.factors):
+        if state is None:
+            out.append(None)
+            continue
+        if proposal.storages[0].matrix:
+            other = 1 - i
+            T = rotations[other][:, : old_ranks[other], :]                    # (B, r_other, K), masked columns 0
+            widths = torch.tensor([ks[other] for ks in ranks], device=T.device)
+            mask = (torch.arange(T.shape[-1], device=T.device) < widths[:, None]).to(T.dtype)[:, None, :]
+            new = transport_columns(state, T)
+            out.append(AdamMoments(*(t * mask for t in new.tensors())))
+            continue
+        per_adapter = []
+        width = 0
+        for b, ks in enumerate(ranks):
+            core_b = core[b][tuple(slice(0, k) for k in ks)]
+            rot_b = [None if P is None else P[b][:, :k] for P, k in zip(rotations, ks)]
+            q_new = unfolding_bases(core_b, [P is not None for P in rot_b], False)[i]
+            T = column_transport(proposal.qs[i][b], q_new, rot_b, i, old_ranks, ks)
+            per_adapter.append(transport_columns(AdamMoments(*(t[b] for t in state.tensors())), T))
+            width = max(width, T.shape[1])
+        out.append(AdamMoments(*(torch.stack([batch_pad(t.tensors()[k][None], [t.m.shape[0], width])[0]
+                                              for t in per_adapter]) for k in range(4))))
+    return out
 
 
 def reorthonormalize(result: GroupResult, b: int, i: int) -> None:
@@ -305,6 +354,16 @@ def write_group(storages: list[LowRankStorage], result: GroupResult) -> None:
     if result.moments is not None and first.moments is not None:
         for j, new in enumerate(result.moments.tensors()):
             torch._foreach_copy_([s.moments.tensors()[j] for s in storages], list(batch_pad(new, shape).unbind(0)))
+        if result.moments.factors is not None and first.moments.factors is not None:
+            for i, new in enumerate(result.moments.factors):
+                if new is None:
+                    continue
+                for j, t in enumerate(new.tensors()):
+                    bufs = [s.moments.factors[i].tensors()[j] for s in storages]
+                    width = t.shape[-1]
+                    torch._foreach_copy_([b[:, :width] for b in bufs], list(t.unbind(0)))
+                    if width < bufs[0].shape[-1]:
+                        torch._foreach_zero_([b[:, width:] for b in bufs])
     for s, ranks in zip(storages, result.ranks):
         s.ranks[:] = ranks
     torch._foreach_copy_([s.rank_buffer for s in storages], list(result.rank_table.unbind(0)))
@@ -398,6 +457,9 @@ def select(result: GroupResult, keep: list[int]) -> GroupResult:
     """The adapters ``keep`` of a group result."""
     index = torch.tensor(keep, dtype=torch.long, device=result.core.device)
     moments = None if result.moments is None else AdamMoments(*(t[index] for t in result.moments.tensors()))
+    if moments is not None and result.moments.factors is not None:
+        moments.factors = [None if f is None else AdamMoments(*(t[index] for t in f.tensors()))
+                           for f in result.moments.factors]
     return GroupResult(core=result.core[index], factors=[None if U is None else U[index] for U in result.factors],
                        moments=moments, ranks=[result.ranks[j] for j in keep],
                        rank_table=result.rank_table[index])

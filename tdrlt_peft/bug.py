@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from .adam import AdamMoments, adam_direction, pad_moments
 from .geometry import augment_basis, compute_dtype
-from .step import Proposal, apply, pad_to, truncation_proposal
+from .step import Proposal, apply, pad_to, precondition_k_grads, truncation_proposal, unfolding_bases
 from .storage import LowRankStorage
 
 if TYPE_CHECKING:
@@ -49,11 +49,12 @@ class AugmentedPoint:
     bases: list[Tensor | None]           # Û_i (n_i, r̂_i); None = mode not factorized
     sizes: list[int]                     # r̂_i (unfactorized modes: n_i)
     widths: list[int]                    # active widths written to the storage (matrix: max(r̂_1, r̂_2) twice)
-    moments: AdamMoments | None          # Adam moments at the old ranks
+    moments: AdamMoments | None          # Adam moments at the old ranks (K-gradient moments already updated)
+    qs: list[Tensor | None]              # Q_i of the old core (the K-gradients' column coordinates)
     saved: tuple[Tensor, list[Tensor | None], list[int], list[Tensor]]   # storage before the step (+ Adam buffers)
 
 
-def augment(s: LowRankStorage, with_moments: bool) -> AugmentedPoint:
+def augment(s: LowRankStorage, adam: dict | None) -> AugmentedPoint:
     """Step 1 from the first pass's gradients in ``s``'s ``.grad`` (nothing is written)."""
     dtype = compute_dtype(s.core.dtype)
     core, factors = s.active()
@@ -62,24 +63,36 @@ def augment(s: LowRankStorage, with_moments: bool) -> AugmentedPoint:
     if s.matrix:
         # both sides share one active width at the augmented point (see the module docstring)
         caps = [min(caps)] * len(caps)
+    moments = s.active_moments(dtype) if adam is not None else None
+    qs = unfolding_bases(core.to(dtype), [U is not None for U in factors], s.matrix)
+    k_grads = [None if U is None else s.factors[i].grad[:, :r].to(dtype)
+               for i, (U, r) in enumerate(zip(factors, ranks))]
+    k_grads = [G if G is None or Q is None else G[:, : Q.shape[1]] for G, Q in zip(k_grads, qs)]
+    if moments is not None and moments.factors is not None:
+        # Adam-preconditioned K-gradients span the new directions, as in the parallel step (adam.py)
+        k_grads, moments.factors = precondition_k_grads(k_grads, moments.factors, adam)
     bases: list[Tensor | None] = []
     for i, (U, r) in enumerate(zip(factors, ranks)):
         if U is None:
             bases.append(None)
             continue
         U = U.to(dtype)
-        G_K = s.factors[i].grad[:, :r].to(dtype)               # (n_i, m_i)
-        new = augment_basis(U, G_K, min(r, caps[i] - r))        # at most r new columns, never past the storage
+        new = augment_basis(U, k_grads[i], min(r, caps[i] - r))  # at most r new columns, never past the storage
         bases.append(torch.cat([U, new], dim=1))
     sizes = [core.shape[i] if U is None else U.shape[1] for i, U in enumerate(bases)]
     widths = [max(sizes)] * len(sizes) if s.matrix else list(sizes)
-    moments = None
-    if with_moments and s.moments is not None:
-        index = tuple(slice(0, r) for r in ranks)
-        moments = AdamMoments(*(t[index].to(dtype) for t in s.moments.tensors()))
-    buffers = [] if s.moments is None else [t.clone() for t in s.moments.tensors()]
+    buffers = [] if s.moments is None else [t.clone() for t in _moment_buffers(s)]
     saved = (s.core.detach().clone(), [None if U is None else U.detach().clone() for U in s.factors], ranks, buffers)
-    return AugmentedPoint(s, core.to(dtype), bases, sizes, widths, moments, saved)
+    return AugmentedPoint(s, core.to(dtype), bases, sizes, widths, moments, qs, saved)
+
+
+def _moment_buffers(s: LowRankStorage) -> list[Tensor]:
+    """Every Adam buffer of ``s`` (core moments, then the K-gradient moments' views)."""
+    buffers = list(s.moments.tensors())
+    for f in s.moments.factors or []:
+        if f is not None:
+            buffers.extend(f.tensors())
+    return buffers
 
 
 @torch.no_grad()
@@ -98,7 +111,7 @@ def restore(point: AugmentedPoint) -> None:
     for U, old in zip(s.factors, factors):
         if U is not None:
             U.copy_(old)
-    for buffer, old in zip(() if s.moments is None else s.moments.tensors(), buffers):
+    for buffer, old in zip(() if s.moments is None else _moment_buffers(s), buffers):
         buffer.copy_(old)
     s.ranks[:] = ranks
     s.rank_buffer.copy_(torch.tensor(ranks, dtype=s.rank_buffer.dtype))
@@ -114,9 +127,10 @@ def galerkin_proposal(point: AugmentedPoint, core_grad: Tensor, lr: float, adam:
     else:
         moments = pad_moments(point.moments, point.sizes)
         direction, moments = adam_direction(core_grad, moments, adam["betas"], adam["eps"])
+        moments.factors = point.moments.factors
         core_hat = core_hat0 - lr * (direction + adam.get("weight_decay", 0.0) * core_hat0)
     return truncation_proposal(core_hat, point.bases, point.storage.bounds, point.storage.storage_ranks(),
-                               point.storage.matrix, moments)
+                               point.storage.matrix, moments, point.qs, list(point.core.shape))
 
 
 def bug_step(integrator: TDLRTIntegrator, lr: float, closure: Callable[[], Tensor | float | None]) -> bool:
@@ -145,7 +159,8 @@ def bug_step(integrator: TDLRTIntegrator, lr: float, closure: Callable[[], Tenso
             _skip(integrator)
             return False
         with torch.no_grad(), single_threaded_linalg(storages[0].core.device):
-            points = [augment(s, integrator.core_optimizer == "adam") for s in storages]
+            adam = integrator.adam if integrator.core_optimizer == "adam" else None
+            points = [augment(s, adam) for s in storages]
         stored = {id(p) for s in iter_storages(model) for p in s.parameters()}
         other_grads = {p: None if p.grad is None else p.grad.clone() for p in model.parameters()
                        if p.requires_grad and id(p) not in stored}

@@ -36,7 +36,7 @@ from .conv_functional import (
 from .functional import lowrank_linear
 from .geometry import compute_dtype, random_orthonormal, truncation_rank
 from .step import RankBounds
-from .storage import LowRankStorage, StepTracker
+from .storage import LowRankStorage, StepTracker, factor_moment_shape, factor_moment_views
 from .tucker import project_to_core, tucker_to_tensor, unfold
 
 Init = Literal["random", "weights"]
@@ -79,6 +79,10 @@ class FactorizedLayer(nn.Module):
         self.register_buffer("rank", torch.tensor(ranks, dtype=torch.int64, device=core.device))
         for name in ("adam_m", "adam_v", "adam_wm", "adam_wv"):
             self.register_buffer(name, torch.zeros_like(stored))
+        sizes = [core.shape[i] if U is None else U.shape[0] for i, U in enumerate(factors)]
+        self._factored = [U is not None for U in factors]
+        self._sizes = sizes
+        self.register_buffer("adam_K", core.new_zeros(factor_moment_shape(sizes, widths, self._factored)))
         self._ranks = ranks
         self._tracker = StepTracker()
         self.register_load_state_dict_post_hook(_after_load)
@@ -87,10 +91,11 @@ class FactorizedLayer(nn.Module):
         return [None if k is None else self.factors[k] for k in self.factor_keys]
 
     def storage(self, name: str = "") -> LowRankStorage:
+        moments = AdamMoments(self.adam_m, self.adam_v, self.adam_wm, self.adam_wv,
+                              factor_moment_views(self.adam_K, self._sizes, self._factored))
         return LowRankStorage(
             name=name, core=self.core, factors=self.factor_list(), ranks=self._ranks, rank_buffer=self.rank,
-            bounds=self.bounds, matrix=self.matrix, tracker=self._tracker,
-            moments=AdamMoments(self.adam_m, self.adam_v, self.adam_wm, self.adam_wv))
+            bounds=self.bounds, matrix=self.matrix, tracker=self._tracker, moments=moments)
 
     def tdlrt_storages(self, module_name: str, adapter_name: str | None = None) -> list[LowRankStorage]:
         """The integrator's view; empty for fixed-rank layers trained by an ordinary optimizer."""

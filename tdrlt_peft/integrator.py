@@ -23,7 +23,6 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from .adam import AdamMoments
 from .batched import BatchedStep
 from .geometry import compute_dtype
 from .step import apply, propose
@@ -167,10 +166,7 @@ class TDLRTIntegrator:
         ranks = s.ranks
         core_grad = s.core.grad[tuple(slice(0, r) for r in ranks)].to(dtype)
         k_grads = [None if U is None else U.grad[:, :r].to(dtype) for U, r in zip(s.factors, ranks)]
-        moments = None
-        if self.core_optimizer == "adam" and s.moments is not None:
-            index = tuple(slice(0, r) for r in ranks)
-            moments = AdamMoments(*(t[index].to(dtype) for t in s.moments.tensors()))
+        moments = s.active_moments(dtype) if self.core_optimizer == "adam" else None
         return propose(core.to(dtype), [None if U is None else U.to(dtype) for U in factors], core_grad,
                        k_grads, lr, s.bounds, matrix=s.matrix, storage_ranks=s.storage_ranks(),
                        moments=moments, adam=self.adam if moments is not None else None)

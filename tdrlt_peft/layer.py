@@ -20,7 +20,7 @@ from .adam import AdamMoments
 from .functional import lowrank_linear
 from .geometry import compute_dtype, random_orthonormal
 from .step import RankBounds
-from .storage import LowRankStorage, StepTracker
+from .storage import LowRankStorage, StepTracker, factor_moment_shape, factor_moment_views
 
 
 class TDLRTLayer(nn.Module, BaseTunerLayer):
@@ -33,7 +33,9 @@ class TDLRTLayer(nn.Module, BaseTunerLayer):
     factor_names: tuple[str | None, ...] = ("tdlrt_U", "tdlrt_V")
     adapter_layer_names = ("tdlrt_U", "tdlrt_S", "tdlrt_V")
     moment_names = ("tdlrt_adam_m", "tdlrt_adam_v", "tdlrt_adam_wm", "tdlrt_adam_wv")
-    other_param_names = ("tdlrt_rank", *moment_names, "tdlrt_scale", "tdlrt_dropout", "tdlrt_bounds")
+    factor_moment_name = "tdlrt_adam_K"    # Adam moments of the K-gradients, see storage.factor_moment_views
+    other_param_names = ("tdlrt_rank", *moment_names, factor_moment_name, "tdlrt_scale", "tdlrt_dropout",
+                         "tdlrt_bounds")
     matrix = True
 
     def __init__(self, base_layer: nn.Module, **kwargs) -> None:
@@ -41,7 +43,7 @@ class TDLRTLayer(nn.Module, BaseTunerLayer):
         self.base_layer = base_layer
         for name in self.adapter_layer_names:
             setattr(self, name, nn.ParameterDict({}))
-        for name in ("tdlrt_rank", *self.moment_names):
+        for name in ("tdlrt_rank", *self.moment_names, self.factor_moment_name):
             setattr(self, name, BufferDict({}, persistent=True))
         self.tdlrt_scale: dict[str, float] = {}
         self.tdlrt_bounds: dict[str, RankBounds] = {}
@@ -69,6 +71,9 @@ class TDLRTLayer(nn.Module, BaseTunerLayer):
 
     def storage(self, adapter: str, name: str = "") -> LowRankStorage:
         moments = AdamMoments(*(getattr(self, n)[adapter] for n in self.moment_names))
+        buffers = getattr(self, self.factor_moment_name)
+        moments.factors = factor_moment_views(buffers[adapter] if adapter in buffers else None,
+                                              self.mode_sizes(), self.factorized_modes())
         return LowRankStorage(
             name=name, core=self.tdlrt_S[adapter],
             factors=[None if n is None else getattr(self, n)[adapter] for n in self.factor_names],
@@ -103,6 +108,8 @@ class TDLRTLayer(nn.Module, BaseTunerLayer):
         self.tdlrt_rank[adapter_name] = torch.tensor(ranks, dtype=torch.int64, device=device)
         for name in self.moment_names:
             getattr(self, name)[adapter_name] = torch.zeros(widths, dtype=dtype, device=device)
+        getattr(self, self.factor_moment_name)[adapter_name] = torch.zeros(
+            factor_moment_shape(sizes, widths, factored), dtype=dtype, device=device)
         self._ranks[adapter_name] = list(ranks)
         self._trackers[adapter_name] = StepTracker()
         self.tdlrt_scale[adapter_name] = float(scale)
@@ -184,6 +191,8 @@ def _sliced_entries(layer: TDLRTLayer, adapter: str, ranks: list[int]) -> dict[s
     """Attribute name -> the index of the active slice (core-shaped tensors and factors)."""
     core_index = tuple(slice(0, r) for r in ranks)
     entries = {"tdlrt_S": core_index, **{n: core_index for n in layer.moment_names}}
+    factored_ranks = [r for r, f in zip(ranks, layer.factorized_modes()) if f]
+    entries[layer.factor_moment_name] = (slice(None), slice(None), slice(0, max(factored_ranks)))
     for name, r in zip(layer.factor_names, ranks):
         if name is not None:
             entries[name] = (slice(None), slice(0, r))

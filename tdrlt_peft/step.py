@@ -19,13 +19,14 @@ One step with learning rate lr:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from .adam import AdamMoments, adam_direction, pad_moments, rotate_moments
+from .adam import AdamMoments, adam_direction, pad_moments, rotate_moments, transport_columns
 from .geometry import augment_basis, orthogonality_error, orthonormality_tolerance, orthonormalize, truncation_rank
 from .tucker import fold, mode_dot, unfold
 
@@ -48,7 +49,9 @@ class Proposal:
     core: Tensor                        # Ĉ (r̂_1, ..., r̂_d)
     svds: list[tuple[Tensor, Tensor] | None]   # (P_i, sigma_i) per adaptive mode
     ranks: list[int]                    # proposed new rank per mode (non-factorized: its size)
-    moments: AdamMoments | None         # Adam moments in the augmented coordinates
+    moments: AdamMoments | None         # Adam moments in the augmented coordinates (+ K-gradient moments)
+    qs: list[Tensor | None] | None = None   # Q_i of the old core (K-gradient column coordinates)
+    old_ranks: list[int] | None = None      # r_i before the step
 
 
 def unfolding_bases(core: Tensor, factored: Sequence[bool], matrix: bool) -> list[Tensor | None]:
@@ -97,6 +100,11 @@ def propose(core: Tensor, factors: Sequence[Tensor | None], core_grad: Tensor,
     qs = unfolding_bases(core, factored, matrix)
     # G_Ki has as many columns as Q_i: fewer than r_i when prod_{j != i} r_j < r_i (stored zero-padded to r_i)
     k_grads = [G if G is None or Q is None else G[:, : Q.shape[1]] for G, Q in zip(k_grads, qs)]
+    factor_moments = None
+    k_dirs = k_grads
+    if moments is not None and moments.factors is not None:
+        # Adam on the K-gradients in ambient coordinates (adam.py): the directions that augment and fill Ĉ
+        k_dirs, factor_moments = precondition_k_grads(k_grads, moments.factors, adam)
     new_bases: list[Tensor | None] = []
     for i, U in enumerate(factors):
         if U is None:
@@ -104,7 +112,7 @@ def propose(core: Tensor, factors: Sequence[Tensor | None], core_grad: Tensor,
             continue
         r = U.shape[1]
         # at most r new columns (the tangent space's size) and never past the storage
-        new_bases.append(augment_basis(U, k_grads[i], min(r, storage_ranks[i] - r)))
+        new_bases.append(augment_basis(U, k_dirs[i], min(r, storage_ranks[i] - r)))
     grad_hat = augmented_gradient(core_grad, k_grads, new_bases, qs)
     core_pad = pad_to(core, grad_hat.shape)
     if moments is None:
@@ -112,13 +120,35 @@ def propose(core: Tensor, factors: Sequence[Tensor | None], core_grad: Tensor,
     else:
         moments = pad_moments(moments, grad_hat.shape)
         direction, moments = adam_direction(grad_hat, moments, adam["betas"], adam["eps"])
+        if factor_moments is not None:
+            leading = tuple(slice(0, r) for r in core.shape)
+            direction = augmented_gradient(direction[leading], k_dirs, new_bases, qs)
+            moments.factors = factor_moments
         core_hat = core_pad - lr * (direction + adam.get("weight_decay", 0.0) * core_pad)
     bases = [None if U is None else torch.cat([U, new], dim=1) for U, new in zip(factors, new_bases)]
-    return truncation_proposal(core_hat, bases, bounds, storage_ranks, matrix, moments)
+    return truncation_proposal(core_hat, bases, bounds, storage_ranks, matrix, moments, qs, list(core.shape))
+
+
+def precondition_k_grads(k_grads: Sequence[Tensor | None], states: Sequence[AdamMoments | None], adam: dict
+                         ) -> tuple[list[Tensor | None], list[AdamMoments | None]]:
+    """Adam directions of the K-gradients (entry-wise, ambient coordinates) and their updated moments."""
+    dirs: list[Tensor | None] = []
+    new_states: list[AdamMoments | None] = []
+    for G, state in zip(k_grads, states):
+        if G is None or state is None:
+            dirs.append(G)
+            new_states.append(None)
+            continue
+        state = AdamMoments(*(t[..., : G.shape[-1]] for t in state.tensors()))
+        direction, state = adam_direction(G, state, adam["betas"], adam["eps"])
+        dirs.append(direction)
+        new_states.append(state)
+    return dirs, new_states
 
 
 def truncation_proposal(core_hat: Tensor, bases: list[Tensor | None], bounds: RankBounds,
-                        storage_ranks: Sequence[int], matrix: bool, moments: AdamMoments | None) -> Proposal:
+                        storage_ranks: Sequence[int], matrix: bool, moments: AdamMoments | None,
+                        qs: list[Tensor | None] | None = None, old_ranks: list[int] | None = None) -> Proposal:
     """The SVDs ``Mat_i(Ĉ) = P_i Σ_i ...`` and the tau-rule ranks of step 3 (shared by the BUG step)."""
     svds: list[tuple[Tensor, Tensor] | None] = []
     ranks: list[int] = []
@@ -134,7 +164,7 @@ def truncation_proposal(core_hat: Tensor, bases: list[Tensor | None], bounds: Ra
     if matrix:
         # U S V^T: the two modes share the truncated rank
         ranks = [min(ranks)] * 2
-    return Proposal(bases=bases, core=core_hat, svds=svds, ranks=ranks, moments=moments)
+    return Proposal(bases=bases, core=core_hat, svds=svds, ranks=ranks, moments=moments, qs=qs, old_ranks=old_ranks)
 
 
 def apply(proposal: Proposal, ranks: Sequence[int]) -> tuple[Tensor, list[Tensor | None], AdamMoments | None]:
@@ -157,6 +187,8 @@ def apply(proposal: Proposal, ranks: Sequence[int]) -> tuple[Tensor, list[Tensor
         factors.append(U_hat @ P_k)
         rotations.append(P_k)
     moments = None if proposal.moments is None else rotate_moments(proposal.moments, rotations)
+    if moments is not None and proposal.moments.factors is not None:
+        moments.factors = transport_factor_moments(proposal, rotations, core)
     # float32 round-off accumulates over many steps: re-orthonormalise when it shows, keeping W fixed
     for i, U in enumerate(factors):
         if U is not None and orthogonality_error(U) > orthonormality_tolerance(U):
@@ -164,6 +196,45 @@ def apply(proposal: Proposal, ranks: Sequence[int]) -> tuple[Tensor, list[Tensor
             factors[i] = Q
             core = mode_dot(core, R, i)
     return core, factors, moments
+
+
+def transport_factor_moments(proposal: Proposal, rotations: Sequence[Tensor | None], new_core: Tensor
+                             ) -> list[AdamMoments | None]:
+    """The K-gradient moments of ``proposal`` in the column coordinates of the new core (``adam.transport_columns``)."""
+    matrix = proposal.qs is None or all(q is None for q in proposal.qs)
+    factored = [r is not None for r in rotations]
+    new_qs = unfolding_bases(new_core, factored, matrix)
+    old_qs = proposal.qs if proposal.qs is not None else [None] * new_core.dim()
+    out: list[AdamMoments | None] = []
+    for i, state in enumerate(proposal.moments.factors):
+        if state is None:
+            out.append(None)
+            continue
+        T = column_transport(old_qs[i], new_qs[i], rotations, i, proposal.old_ranks, list(new_core.shape))
+        out.append(transport_columns(state, T))
+    return out
+
+
+def column_transport(q_old: Tensor | None, q_new: Tensor | None, rotations: Sequence[Tensor | None], mode: int,
+                     old_ranks: Sequence[int], new_shape: Sequence[int]) -> Tensor:
+    """``T = Q_old^T E^T (kron_{j != i} P_j) Q_new`` (m_old, m_new): the old K-gradient columns of ``mode`` in
+    the new ones. Columns are coordinates of the row space of ``Mat_i(C)`` (``Q``; None = identity, the matrix
+    case), ``P_j`` (r̂_j, k_j) the truncation's rotations and ``E`` the embedding of the old ranks into the
+    augmented ones. Matrix: ``T = P_other[:r_other, :k]``."""
+    others = [k for j, k in enumerate(new_shape) if j != mode]
+    width = math.prod(others)
+    if q_new is None:
+        like = next(P for P in rotations if P is not None)
+        q_new = torch.eye(width, dtype=like.dtype, device=like.device)
+    shape = list(new_shape)
+    shape[mode] = q_new.shape[1]
+    X = fold(q_new.T, mode, shape)                             # one column of Q_new per mode-i slice
+    for j, P in enumerate(rotations):
+        if j != mode and P is not None:
+            X = mode_dot(X, P, j)                              # new coordinates k_j -> augmented r̂_j
+    X = X[tuple(slice(None) if j == mode else slice(0, old_ranks[j]) for j in range(X.dim()))]
+    Y = unfold(X, mode)                                        # (m_new, prod_{j != i} r_j)
+    return Y.T if q_old is None else (Y @ q_old).T
 
 
 def pad_to(tensor: Tensor, shape: Sequence[int]) -> Tensor:

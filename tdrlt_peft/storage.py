@@ -95,6 +95,17 @@ class LowRankStorage:
                 count += U.shape[0] * r
         return count
 
+    def active_moments(self, dtype: torch.dtype) -> AdamMoments | None:
+        """Active slices of the Adam state in ``dtype``: core moments and (if kept) K-gradient moments."""
+        if self.moments is None:
+            return None
+        index = tuple(slice(0, r) for r in self.ranks)
+        moments = AdamMoments(*(t[index].to(dtype) for t in self.moments.tensors()))
+        if self.moments.factors is not None:
+            moments.factors = [None if f is None else AdamMoments(*(t[:, :r].to(dtype) for t in f.tensors()))
+                               for f, r in zip(self.moments.factors, self.ranks)]
+        return moments
+
     @torch.no_grad()
     def write(self, core: Tensor, factors: list[Tensor | None], moments: AdamMoments | None) -> None:
         """Store new active tensors (zeros past the new ranks) and the new ranks."""
@@ -109,5 +120,34 @@ class LowRankStorage:
             for buf, new in zip(self.moments.tensors(), moments.tensors()):
                 buf.zero_()
                 buf[tuple(slice(0, r) for r in ranks)] = new.to(buf.dtype)
+            if moments.factors is not None and self.moments.factors is not None:
+                for stored, new in zip(self.moments.factors, moments.factors):
+                    if stored is None or new is None:
+                        continue
+                    for buf, t in zip(stored.tensors(), new.tensors()):
+                        buf.zero_()
+                        buf[:, : t.shape[-1]] = t.to(buf.dtype)
         self.ranks[:] = ranks
         self.rank_buffer.copy_(torch.tensor(ranks, dtype=self.rank_buffer.dtype))
+
+
+def factor_moment_views(buffer: Tensor | None, sizes: list[int], factored: list[bool]
+                        ) -> list[AdamMoments | None] | None:
+    """Per-mode views ``(n_i, R)`` of a K-gradient moment buffer ``(4, sum_i n_i, R)`` (factorized modes stacked
+    by rows; m, v, wm, wv along the first dimension). None without a buffer."""
+    if buffer is None:
+        return None
+    views: list[AdamMoments | None] = []
+    row = 0
+    for n, f in zip(sizes, factored):
+        if not f:
+            views.append(None)
+            continue
+        views.append(AdamMoments(*(buffer[k, row:row + n] for k in range(4))))
+        row += n
+    return views
+
+
+def factor_moment_shape(sizes: list[int], widths: list[int], factored: list[bool]) -> list[int]:
+    """Shape of the K-gradient moment buffer: ``(4, sum of factorized n_i, max of their widths)``."""
+    return [4, sum(n for n, f in zip(sizes, factored) if f), max(w for w, f in zip(widths, factored) if f)]

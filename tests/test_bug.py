@@ -110,17 +110,20 @@ def test_bug_adds_exactly_the_new_new_block_to_the_parallel_step():
 
 
 def test_adam_core_update_in_the_augmented_basis():
-    """First Adam step (no history): Ĉ = Ĉ0 - lr * m / (sqrt(v) + eps) with m = Ĝ, v = Ĝ^2, Ĝ = Û^T G V̂."""
+    """First Adam step (no history): Ĉ = Ĉ0 - lr * m / (sqrt(v) + eps) with m = Ĝ, v = Ĝ^2, Ĝ = Û^T G V̂; the bases
+    are augmented with the Adam directions of the K-gradients G V and G^T U (entry-wise, adam.py)."""
     layer = make_layer()
     x, y = batch()
     W, U, V, G = dense_state(layer, x, y)
     lr, eps = 0.01, 1e-8
     TDLRTIntegrator(layer, core_optimizer="adam", eps=eps).step(lr, loss_closure(layer, x, y))
-    U_hat = torch.cat([U, augment_basis(U, G @ V, 3)], 1)
-    V_hat = torch.cat([V, augment_basis(V, G.T @ U, 3)], 1)
-    grad = U_hat.T @ G @ V_hat
-    zeros = torch.zeros_like(grad)
-    direction, _ = adam_direction(grad, AdamMoments(zeros, zeros, zeros, zeros), (0.9, 0.999), eps)
+    def first_adam_direction(grad):
+        zeros = torch.zeros_like(grad)
+        return adam_direction(grad, AdamMoments(zeros, zeros, zeros, zeros), (0.9, 0.999), eps)[0]
+
+    U_hat = torch.cat([U, augment_basis(U, first_adam_direction(G @ V), 3)], 1)
+    V_hat = torch.cat([V, augment_basis(V, first_adam_direction(G.T @ U), 3)], 1)
+    direction = first_adam_direction(U_hat.T @ G @ V_hat)
     expected = U_hat @ (U_hat.T @ W @ V_hat - lr * direction) @ V_hat.T
     torch.testing.assert_close(dense_weight(only_storage(layer)), expected, atol=IDENTITY[F64], rtol=0)
 

@@ -1,0 +1,124 @@
+"""Adam on the K-gradients (``adam.py``, "Factor (K-) gradients"): the moments' change of column coordinates.
+
+* ``column_transport`` against the dense Kronecker formula ``Q_old^T E^T (kron_{j != i} P_j) Q_new`` (float64);
+* a constant gradient's first moment is carried exactly across steps (matrix adapter, no augmentation room);
+* ``transport_columns`` keeps v a convex combination (history lost -> the row mean) and m linear;
+* the state is saved compactly and a resumed step equals the uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import torch
+from peft import get_peft_model
+from torch import nn
+
+from tdrlt_peft import TDLRTIntegrator, TuckerAdapterConfig
+from tdrlt_peft.adam import AdamMoments, transport_columns
+from tdrlt_peft.integrator import iter_storages
+from tdrlt_peft.step import column_transport
+from tdrlt_peft.tucker import unfold
+
+F64 = torch.float64
+
+
+def _orthonormal(n, k, g):
+    return torch.linalg.qr(torch.randn(n, k, generator=g, dtype=F64))[0]
+
+
+def _kron_rows(mats):
+    """kron of the matrices in the order ``unfold`` lists the other modes (the first varies slowest)."""
+    out = torch.ones(1, 1, dtype=F64)
+    for M in mats:
+        out = torch.kron(out, M)
+    return out
+
+
+def test_column_transport_equals_dense_kronecker_formula():
+    g = torch.Generator().manual_seed(0)
+    old_ranks, aug, new = [3, 2, 4], [5, 3, 4], [2, 3, 3]
+    rotations = [_orthonormal(a, k, g) for a, k in zip(aug, new)]
+    mode = 0
+    # unfold's column order for mode 0 of a (r1, r2, r3) tensor: check it on a probe instead of assuming it
+    probe = torch.arange(2 * 3, dtype=F64).reshape(1, 2, 3)
+    slow_first = torch.equal(unfold(probe, 0)[0], probe.reshape(-1))
+    others = [j for j in range(3) if j != mode]
+    order = others if slow_first else others[::-1]
+    q_old = _orthonormal(old_ranks[1] * old_ranks[2], 3, g)
+    q_new = _orthonormal(new[1] * new[2], 2, g)
+    embed = _kron_rows([torch.eye(aug[j], old_ranks[j], dtype=F64) for j in order])          # E^T is its transpose
+    kron_p = _kron_rows([rotations[j] for j in order])
+    expected = q_old.T @ embed.T @ kron_p @ q_new
+    got = column_transport(q_old, q_new, rotations, mode, old_ranks, new)
+    torch.testing.assert_close(got, expected, atol=1e-12, rtol=0)
+
+
+def test_matrix_column_transport_is_the_other_sides_rotation():
+    g = torch.Generator().manual_seed(1)
+    P0, P1 = _orthonormal(6, 3, g), _orthonormal(5, 3, g)
+    T = column_transport(None, None, [P0, P1], 0, [4, 3], [3, 3])
+    torch.testing.assert_close(T, P1[:3, :3], atol=0, rtol=0)
+
+
+def test_transport_columns_convex_second_moment_and_linear_first_moment():
+    g = torch.Generator().manual_seed(2)
+    m, v = torch.randn(4, 3, generator=g, dtype=F64), torch.rand(4, 3, generator=g, dtype=F64)
+    w = torch.full((4, 3), 0.5, dtype=F64)
+    T = torch.cat([_orthonormal(3, 2, g), torch.zeros(3, 1, dtype=F64)], 1)[:, [0, 2, 1]] * 0.8
+    out = transport_columns(AdamMoments(m, v, w, w), T)
+    torch.testing.assert_close(out.m, m @ T)
+    # column 1 has no history: v is the row mean, no first-moment weight
+    torch.testing.assert_close(out.v[:, 1], v.mean(1))
+    assert torch.all(out.wm[:, 1] == 0)
+    lost = 1 - (T * T).sum(0)
+    torch.testing.assert_close(out.v, v @ (T * T) + lost * v.mean(1, keepdim=True))
+    assert torch.all(out.v >= v.min(1, keepdim=True).values - 1e-12)
+    assert torch.all(out.v <= v.max(1, keepdim=True).values + 1e-12)
+
+
+class _Linear(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(6, 5)
+
+    def forward(self, x):
+        return self.lin(x)
+
+
+def test_first_moment_of_a_constant_gradient_is_carried_exactly():
+    """loss = <y, lin(x)>: G = y^T x is constant, so the debiased first moment of G_K = G V must equal G V at the
+    current V after every step (here r = r_max leaves no room to augment, so no direction lacks history)."""
+    torch.manual_seed(0)
+    config = TuckerAdapterConfig(target_modules=["lin"], r=3, r_max=3, tau=0.0)
+    model = get_peft_model(_Linear().to(F64), config)
+    integrator = TDLRTIntegrator(model, batched=False)
+    x, y = torch.randn(7, 6, dtype=F64), torch.randn(7, 5, dtype=F64)
+    G = y.T @ x                                                 # dL/dW, (out, in)
+    for _ in range(3):
+        (model(x) * y).sum().backward()
+        assert integrator.step(0.05)
+        (s,) = iter_storages(model)
+        U, V = (f.detach() for f in s.active()[1])
+        K_m, L_m = (f.m[:, :3] for f in s.moments.factors)
+        torch.testing.assert_close(K_m, G @ V, atol=1e-12, rtol=0)
+        torch.testing.assert_close(L_m, G.T @ U, atol=1e-12, rtol=0)
+
+
+def test_factor_moments_are_saved_compact_and_restored():
+    torch.manual_seed(0)
+    config = TuckerAdapterConfig(target_modules=["lin"], r=2, r_max=4, tau=0.0)
+    model = get_peft_model(_Linear().to(F64), config)
+    integrator = TDLRTIntegrator(model)
+    x = torch.randn(7, 6, dtype=F64)
+    model(x).pow(2).sum().backward()
+    integrator.step(0.01)
+    (s,) = iter_storages(model)
+    rank = s.ranks[0]
+    state = {k: v for k, v in model.state_dict().items() if "tdlrt_adam_K" in k}
+    (value,) = state.values()
+    assert value.shape == (4, 11, rank) and value.abs().sum() > 0
+    fresh = get_peft_model(_Linear().to(F64), config)
+    fresh.load_state_dict(model.state_dict())
+    (t,) = iter_storages(fresh)
+    for a, b in zip(t.moments.factors, s.moments.factors):
+        for ta, tb in zip(a.tensors(), b.tensors()):
+            assert torch.equal(ta, tb)
