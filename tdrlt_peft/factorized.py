@@ -85,6 +85,7 @@ class FactorizedLayer(nn.Module):
         self.register_buffer("adam_K", core.new_zeros(factor_moment_shape(sizes, widths, self._factored)))
         self._ranks = ranks
         self._tracker = StepTracker()
+        self.register_load_state_dict_pre_hook(_fill_missing_factor_moments)
         self.register_load_state_dict_post_hook(_after_load)
 
     def factor_list(self) -> list[nn.Parameter | None]:
@@ -178,6 +179,14 @@ class FactorizedConv(FactorizedLayer):
 
     def extra_repr(self) -> str:
         return f"layout={self.layout!r}, kernel_size={self.spec.kernel_size}, " + super().extra_repr()
+
+
+def _fill_missing_factor_moments(layer: FactorizedLayer, state_dict: dict, prefix: str, *args) -> None:
+    """Load pre-hook: a state dict saved before the K-gradient moments existed loads with them at zero (no
+    history), instead of failing a strict load."""
+    key = f"{prefix}adam_K"
+    if f"{prefix}core" in state_dict and key not in state_dict:
+        state_dict[key] = torch.zeros_like(layer.adam_K)
 
 
 def _after_load(layer: FactorizedLayer, incompatible_keys) -> None:

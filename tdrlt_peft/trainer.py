@@ -23,6 +23,7 @@ import torch
 from transformers import Trainer
 
 from .callback import TDLRTCallback
+from .checkpoint import last_complete_checkpoint
 from .integrator import iter_storages
 
 INTEGRATORS = ("parallel", "bug")
@@ -57,6 +58,17 @@ class TDLRTTrainer(Trainer):
             if self.args.fp16:
                 raise ValueError("TDLRTTrainer(integrator='bug') does not support fp16 (its loss scaler would "
                                  "scale the second pass differently): use bf16 or float32.")
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
+        """``Trainer.train``, except that ``resume_from_checkpoint=True`` takes the newest *complete* checkpoint
+        (``last_complete_checkpoint``): transformers takes the newest folder, also one a crash left half-written."""
+        if resume_from_checkpoint is True:
+            path = last_complete_checkpoint(self.args.output_dir)
+            if path is None:
+                raise ValueError(f"resume_from_checkpoint=True, but {self.args.output_dir} holds no complete "
+                                 "checkpoint (checkpoint-N with its TDLRT completion marker); start without resuming.")
+            resume_from_checkpoint = path
+        return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         if self.tdlrt_integrator == "bug" and not self._replaying:

@@ -122,3 +122,16 @@ def test_factor_moments_are_saved_compact_and_restored():
     for a, b in zip(t.moments.factors, s.moments.factors):
         for ta, tb in zip(a.tensors(), b.tensors()):
             assert torch.equal(ta, tb)
+
+
+def test_factorized_state_dict_without_factor_moments_still_loads():
+    """A factorized model saved before ``adam_K`` existed loads strictly, with no K-gradient history."""
+    from tdrlt_peft import factorize
+
+    torch.manual_seed(0)
+    model = factorize(nn.Sequential(nn.Linear(6, 5)), target_modules=["0"], r=2, r_max=4)
+    state = {k: v for k, v in model.state_dict().items() if not k.endswith("adam_K")}
+    fresh = factorize(nn.Sequential(nn.Linear(6, 5)), target_modules=["0"], r=2, r_max=4)
+    fresh[0].adam_K.fill_(1.0)
+    fresh.load_state_dict(state)
+    assert torch.all(fresh[0].adam_K == 0)

@@ -308,6 +308,31 @@ def test_damaged_checkpoint_is_detected_and_skipped(saved_checkpoints, tmp_path,
         assert last_complete_checkpoint(out) == str(out / "checkpoint-4")
 
 
+class _FirstStep(TrainerCallback):
+    def __init__(self):
+        self.first = None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self.first is None:
+            self.first = state.global_step
+
+
+def test_tdlrt_trainer_resume_true_takes_the_last_complete_checkpoint(saved_checkpoints, tmp_path):
+    """transformers' ``resume_from_checkpoint=True`` takes the newest folder, complete or not; TDLRTTrainer's
+    takes the newest complete one."""
+    out = tmp_path / "out"
+    shutil.copytree(saved_checkpoints, out)
+    (out / "checkpoint-8" / MARKER).unlink()                  # as if the run died while writing checkpoint-8
+    first = _FirstStep()
+    trainer = build_trainer(out, max_steps=8, save_strategy="no", callbacks=[first], tdlrt_trainer=True)
+    with pytest.warns(UserWarning, match="skipping checkpoint-8"):
+        trainer.train(resume_from_checkpoint=True)
+    assert first.first == 4 and trainer.state.global_step == 8
+    empty = build_trainer(tmp_path / "empty", max_steps=8, tdlrt_trainer=True)
+    with pytest.raises(ValueError, match="no complete checkpoint"):
+        empty.train(resume_from_checkpoint=True)
+
+
 # --------------------------------------------------------------------- faults: adapters that do not fit
 @pytest.fixture()
 def saved_adapter(tmp_path):

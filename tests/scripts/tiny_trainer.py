@@ -53,17 +53,19 @@ def tiny_model(seed: int = 0, r: int = 2, r_max: int = 12, tau: float = 0.1, dty
 
 
 def build_trainer(out_dir, per_device_batch: int = 16, max_steps: int = 12, seed: int = 0, callbacks=(),
-                  model=None, use_cpu: bool = True, **args_kw):
-    """Trainer + TDLRTCallback on ``tiny_model``; ``args_kw`` go to ``TrainingArguments``."""
+                  model=None, use_cpu: bool = True, tdlrt_trainer: bool = False, **args_kw):
+    """Trainer + TDLRTCallback (or ``TDLRTTrainer``) on ``tiny_model``; ``args_kw`` go to ``TrainingArguments``."""
     from transformers import Trainer, TrainingArguments
 
-    from tdrlt_peft import TDLRTCallback
+    from tdrlt_peft import TDLRTCallback, TDLRTTrainer
 
     settings = dict(learning_rate=1e-2, logging_steps=4, save_strategy="no", report_to="none", disable_tqdm=True)
     settings.update(args_kw)
     args = TrainingArguments(output_dir=str(out_dir), per_device_train_batch_size=per_device_batch,
                              max_steps=max_steps, use_cpu=use_cpu, seed=seed, **settings)
     model = tiny_model(seed) if model is None else model
+    if tdlrt_trainer:
+        return TDLRTTrainer(model=model, args=args, train_dataset=TokenDataset(seed=seed), callbacks=list(callbacks))
     return Trainer(model=model, args=args, train_dataset=TokenDataset(seed=seed),
                    callbacks=[TDLRTCallback(), *callbacks])
 
