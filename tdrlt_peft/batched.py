@@ -32,7 +32,7 @@ from torch import Tensor
 from .adam import AdamMoments, adam_direction, transport_columns
 from .geometry import DROP_FACTOR, compute_dtype, eps, orthonormality_tolerance, orthonormalize, truncation_rank
 from .step import Proposal, apply, column_transport, precondition_k_grads, unfolding_bases
-from .storage import LowRankStorage
+from .storage import LowRankStorage, active_factor_moments
 from .tucker import mode_dot
 
 
@@ -179,8 +179,8 @@ def propose_group(storages: list[LowRankStorage], lr: float, adam: dict | None) 
         moments = AdamMoments(*(stacked([t[index] for t in buffers]) for buffers in per_buffer))
         if first.moments.factors is not None:
             moments.factors = [
-                None if f is None else AdamMoments(*(stacked([s.moments.factors[i].tensors()[k][:, :r]
-                                                              for s in storages]) for k in range(4)))
+                None if f is None else AdamMoments(*(stacked(list(t)) for t in zip(
+                    *(active_factor_moments(s.moments.factors[i], r).tensors() for s in storages))))
                 for i, (f, r) in enumerate(zip(first.moments.factors, ranks))]
 
     # Q_i of Mat_i(C)^T = Q_i R_i (Tucker); a matrix adapter has Q = I
@@ -324,7 +324,7 @@ def batch_transport_factor_moments(proposal: GroupProposal, rotations: list[Tens
             T = column_transport(proposal.qs[i][b], q_new, rot_b, i, old_ranks, ks)
             per_adapter.append(transport_columns(AdamMoments(*(t[b] for t in state.tensors())), T))
             width = max(width, T.shape[1])
-        out.append(AdamMoments(*(torch.stack([batch_pad(t.tensors()[k][None], [t.m.shape[0], width])[0]
+        out.append(AdamMoments(*(torch.stack([batch_pad(t.tensors()[k][None], [t.tensors()[k].shape[0], width])[0]
                                               for t in per_adapter]) for k in range(4))))
     return out
 
@@ -340,17 +340,19 @@ def reorthonormalize(result: GroupResult, b: int, i: int) -> None:
 
 def write_group(storages: list[LowRankStorage], result: GroupResult) -> None:
     """``LowRankStorage.write`` for every adapter of the group, one ``_foreach_`` call per tensor kind: the core and
-    Adam buffers padded to the storage, the factors' leading ``K_i`` columns copied and the others zeroed."""
+    Adam buffers padded to the storage, the factors' leading ``K_i`` columns copied and the columns the old rank used
+    past them zeroed (everything past the old rank is zero already: the storage's invariant)."""
     first = storages[0]
     shape = first.storage_ranks()
+    old = list(first.ranks)           # one group, one set of ranks
     torch._foreach_copy_([s.core for s in storages], list(batch_pad(result.core, shape).unbind(0)))
     for i, new in enumerate(result.factors):
         if new is None:
             continue
         width = new.shape[-1]
         torch._foreach_copy_([s.factors[i][:, :width] for s in storages], list(new.unbind(0)))
-        if width < shape[i]:
-            torch._foreach_zero_([s.factors[i][:, width:] for s in storages])
+        if width < old[i]:
+            torch._foreach_zero_([s.factors[i][:, width:old[i]] for s in storages])
     if result.moments is not None and first.moments is not None:
         for j, new in enumerate(result.moments.tensors()):
             torch._foreach_copy_([s.moments.tensors()[j] for s in storages], list(batch_pad(new, shape).unbind(0)))
@@ -362,8 +364,8 @@ def write_group(storages: list[LowRankStorage], result: GroupResult) -> None:
                     bufs = [s.moments.factors[i].tensors()[j] for s in storages]
                     width = t.shape[-1]
                     torch._foreach_copy_([b[:, :width] for b in bufs], list(t.unbind(0)))
-                    if width < bufs[0].shape[-1]:
-                        torch._foreach_zero_([b[:, width:] for b in bufs])
+                    if width < old[i]:
+                        torch._foreach_zero_([b[:, width:old[i]] for b in bufs])
     for s, ranks in zip(storages, result.ranks):
         s.ranks[:] = ranks
     torch._foreach_copy_([s.rank_buffer for s in storages], list(result.rank_table.unbind(0)))

@@ -102,7 +102,7 @@ class LowRankStorage:
         index = tuple(slice(0, r) for r in self.ranks)
         moments = AdamMoments(*(t[index].to(dtype) for t in self.moments.tensors()))
         if self.moments.factors is not None:
-            moments.factors = [None if f is None else AdamMoments(*(t[:, :r].to(dtype) for t in f.tensors()))
+            moments.factors = [None if f is None else active_factor_moments(f, r, dtype)
                                for f, r in zip(self.moments.factors, self.ranks)]
         return moments
 
@@ -146,6 +146,15 @@ def factor_moment_views(buffer: Tensor | None, sizes: list[int], factored: list[
         views.append(AdamMoments(*(buffer[k, row:row + n] for k in range(4))))
         row += n
     return views
+
+
+def active_factor_moments(state: AdamMoments, width: int, dtype: torch.dtype | None = None) -> AdamMoments:
+    """The first ``width`` columns of a K-gradient's moments; the weights ``wm``, ``wv`` as one row ``(1, width)``.
+
+    Every operation on these moments (``adam_direction``, ``transport_columns``) acts on whole columns, so the
+    weights are the same in every row: one row is read (and broadcast back on writing)."""
+    return AdamMoments(state.m[:, :width].to(dtype), state.v[:, :width].to(dtype),
+                       state.wm[:1, :width].to(dtype), state.wv[:1, :width].to(dtype))
 
 
 def factor_moment_shape(sizes: list[int], widths: list[int], factored: list[bool]) -> list[int]:

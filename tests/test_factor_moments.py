@@ -135,3 +135,36 @@ def test_factorized_state_dict_without_factor_moments_still_loads():
     fresh[0].adam_K.fill_(1.0)
     fresh.load_state_dict(state)
     assert torch.all(fresh[0].adam_K == 0)
+
+
+class _ConvAndLinear(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(6, 5)
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x, img):
+        return self.lin(x).pow(2).sum() + self.conv(img).pow(2).sum()
+
+
+def test_factor_moment_weights_are_the_same_in_every_row():
+    """``wm``/``wv`` of the K-gradient moments are per column (the integrator reads one row and broadcasts it back):
+    after steps that augment and truncate, every row of the stored weights must still be equal."""
+    torch.manual_seed(0)
+    model = get_peft_model(_ConvAndLinear().to(F64),
+                           TuckerAdapterConfig(target_modules=["lin", "conv"], r=2, r_max=4, tau=0.05))
+    integrator = TDLRTIntegrator(model)
+    g = torch.Generator().manual_seed(3)
+    seen_nonzero = False
+    for _ in range(4):
+        x, img = torch.randn(7, 6, generator=g, dtype=F64), torch.randn(2, 3, 6, 6, generator=g, dtype=F64)
+        model(x, img).backward()
+        assert integrator.step(0.01)
+        for s in iter_storages(model):
+            for f, r in zip(s.moments.factors, s.ranks):
+                if f is None:
+                    continue
+                for w in (f.wm[:, :r], f.wv[:, :r]):
+                    torch.testing.assert_close(w, w[:1].expand_as(w), atol=0, rtol=0)
+                    seen_nonzero |= bool(w.abs().sum() > 0)
+    assert seen_nonzero
