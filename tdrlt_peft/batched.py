@@ -188,10 +188,7 @@ def propose_group(storages: list[LowRankStorage], lr: float, adam: dict | None) 
           for i, U in enumerate(factors)]
     k_grads = [G if G is None or Q is None else G[..., : Q.shape[-1]] for G, Q in zip(k_grads, qs)]
     storage_ranks = first.storage_ranks()
-    factor_moments = None
-    k_dirs = k_grads
-    if moments is not None and moments.factors is not None:
-        k_dirs, factor_moments = precondition_k_grads(k_grads, moments.factors, adam)
+    k_dirs, factor_moments = precondition_k_grads(k_grads, moments, adam)
     new_bases: list[Tensor | None] = []
     found: list[Tensor | None] = []
     for i, U in enumerate(factors):
@@ -293,12 +290,12 @@ def apply_group(proposal: GroupProposal, ranks: list[list[int]], rank_table: Ten
         rotations.append(P_k)
     moments = None if proposal.moments is None else batch_rotate_moments(proposal.moments, rotations)
     if moments is not None and proposal.moments.factors is not None:
-        moments.factors = batch_transport_factor_moments(proposal, rotations, core, ranks)
+        moments.factors = batch_transport_factor_moments(proposal, rotations, core, ranks, rank_table)
     return GroupResult(core=core, factors=factors, moments=moments, ranks=ranks, rank_table=rank_table)
 
 
 def batch_transport_factor_moments(proposal: GroupProposal, rotations: list[Tensor | None], core: Tensor,
-                                   ranks: list[list[int]]) -> list[AdamMoments | None]:
+                                   ranks: list[list[int]], rank_table: Tensor) -> list[AdamMoments | None]:
     """``step.transport_factor_moments`` for a group: the K-gradient moments in the new cores' column coordinates,
     zero past each adapter's new width. Matrix: ``T = P_other[:r_other, :k]`` batched; Tucker: per adapter."""
     old_ranks = list(proposal.storages[0].ranks)
@@ -310,8 +307,7 @@ def batch_transport_factor_moments(proposal: GroupProposal, rotations: list[Tens
         if proposal.storages[0].matrix:
             other = 1 - i
             T = rotations[other][:, : old_ranks[other], :]                    # (B, r_other, K), masked columns 0
-            widths = torch.tensor([ks[other] for ks in ranks], device=T.device)
-            mask = (torch.arange(T.shape[-1], device=T.device) < widths[:, None]).to(T.dtype)[:, None, :]
+            mask = (torch.arange(T.shape[-1], device=T.device) < rank_table[:, other, None]).to(T.dtype)[:, None, :]
             new = transport_columns(state, T)
             out.append(AdamMoments(*(t * mask for t in new.tensors())))
             continue

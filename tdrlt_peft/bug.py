@@ -50,7 +50,7 @@ class AugmentedPoint:
     sizes: list[int]                     # r̂_i (unfactorized modes: n_i)
     widths: list[int]                    # active widths written to the storage (matrix: max(r̂_1, r̂_2) twice)
     moments: AdamMoments | None          # Adam moments at the old ranks (K-gradient moments already updated)
-    qs: list[Tensor | None]              # Q_i of the old core (the K-gradients' column coordinates)
+    qs: list[Tensor | None] | None       # Q_i of the old core (K-gradient columns); None without their moments
     saved: tuple[Tensor, list[Tensor | None], list[int], list[Tensor]]   # storage before the step (+ Adam buffers)
 
 
@@ -64,13 +64,15 @@ def augment(s: LowRankStorage, adam: dict | None) -> AugmentedPoint:
         # both sides share one active width at the augmented point (see the module docstring)
         caps = [min(caps)] * len(caps)
     moments = s.active_moments(dtype) if adam is not None else None
-    qs = unfolding_bases(core.to(dtype), [U is not None for U in factors], s.matrix)
     k_grads = [None if U is None else s.factors[i].grad[:, :r].to(dtype)
                for i, (U, r) in enumerate(zip(factors, ranks))]
-    k_grads = [G if G is None or Q is None else G[:, : Q.shape[1]] for G, Q in zip(k_grads, qs)]
+    qs = None
     if moments is not None and moments.factors is not None:
-        # Adam-preconditioned K-gradients span the new directions, as in the parallel step (adam.py)
-        k_grads, moments.factors = precondition_k_grads(k_grads, moments.factors, adam)
+        # Adam-preconditioned K-gradients span the new directions, as in the parallel step (adam.py); their
+        # columns are Q_i's (as many as Q_i has)
+        qs = unfolding_bases(core.to(dtype), [U is not None for U in factors], s.matrix)
+        k_grads = [G if G is None or Q is None else G[:, : Q.shape[1]] for G, Q in zip(k_grads, qs)]
+        k_grads, moments.factors = precondition_k_grads(k_grads, moments, adam)
     bases: list[Tensor | None] = []
     for i, (U, r) in enumerate(zip(factors, ranks)):
         if U is None:

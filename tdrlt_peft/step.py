@@ -100,11 +100,8 @@ def propose(core: Tensor, factors: Sequence[Tensor | None], core_grad: Tensor,
     qs = unfolding_bases(core, factored, matrix)
     # G_Ki has as many columns as Q_i: fewer than r_i when prod_{j != i} r_j < r_i (stored zero-padded to r_i)
     k_grads = [G if G is None or Q is None else G[:, : Q.shape[1]] for G, Q in zip(k_grads, qs)]
-    factor_moments = None
-    k_dirs = k_grads
-    if moments is not None and moments.factors is not None:
-        # Adam on the K-gradients in ambient coordinates (adam.py): the directions that augment and fill Ĉ
-        k_dirs, factor_moments = precondition_k_grads(k_grads, moments.factors, adam)
+    # Adam on the K-gradients in ambient coordinates (adam.py): the directions that augment and fill Ĉ
+    k_dirs, factor_moments = precondition_k_grads(k_grads, moments, adam)
     new_bases: list[Tensor | None] = []
     for i, U in enumerate(factors):
         if U is None:
@@ -129,9 +126,13 @@ def propose(core: Tensor, factors: Sequence[Tensor | None], core_grad: Tensor,
     return truncation_proposal(core_hat, bases, bounds, storage_ranks, matrix, moments, qs, list(core.shape))
 
 
-def precondition_k_grads(k_grads: Sequence[Tensor | None], states: Sequence[AdamMoments | None], adam: dict
-                         ) -> tuple[list[Tensor | None], list[AdamMoments | None]]:
-    """Adam directions of the K-gradients (entry-wise, ambient coordinates) and their updated moments."""
+def precondition_k_grads(k_grads: Sequence[Tensor | None], moments: AdamMoments | None, adam: dict | None
+                         ) -> tuple[list[Tensor | None], list[AdamMoments | None] | None]:
+    """Adam directions of the K-gradients (entry-wise, ambient coordinates) and their updated moments; the
+    gradients unchanged and None when ``moments`` keeps no K-gradient moments (SGD)."""
+    if moments is None or moments.factors is None:
+        return list(k_grads), None
+    states = moments.factors
     dirs: list[Tensor | None] = []
     new_states: list[AdamMoments | None] = []
     for G, state in zip(k_grads, states):
@@ -201,16 +202,14 @@ def apply(proposal: Proposal, ranks: Sequence[int]) -> tuple[Tensor, list[Tensor
 def transport_factor_moments(proposal: Proposal, rotations: Sequence[Tensor | None], new_core: Tensor
                              ) -> list[AdamMoments | None]:
     """The K-gradient moments of ``proposal`` in the column coordinates of the new core (``adam.transport_columns``)."""
-    matrix = proposal.qs is None or all(q is None for q in proposal.qs)
-    factored = [r is not None for r in rotations]
-    new_qs = unfolding_bases(new_core, factored, matrix)
-    old_qs = proposal.qs if proposal.qs is not None else [None] * new_core.dim()
+    matrix = all(q is None for q in proposal.qs)              # a matrix adapter's Q is the identity
+    new_qs = unfolding_bases(new_core, [r is not None for r in rotations], matrix)
     out: list[AdamMoments | None] = []
     for i, state in enumerate(proposal.moments.factors):
         if state is None:
             out.append(None)
             continue
-        T = column_transport(old_qs[i], new_qs[i], rotations, i, proposal.old_ranks, list(new_core.shape))
+        T = column_transport(proposal.qs[i], new_qs[i], rotations, i, proposal.old_ranks, list(new_core.shape))
         out.append(transport_columns(state, T))
     return out
 

@@ -222,7 +222,7 @@ def test_compression_benchmark_smoke(tmp_path):
     try:
         find_data_dir(None)
     except BenchmarkError:
-        pytest.skip("Fashion-MNIST is not installed (apt-get install -y dataset-fashion-mnist)")
+        pytest.fail("Fashion-MNIST is not installed: apt-get install -y dataset-fashion-mnist (README set-up)")
     assert main(["--smoke", "--workers", "1", "--networks", "lenet5", "--output-dir", str(tmp_path)]) == 0
     table = (tmp_path / "results.md").read_text()
     assert "TDLRT Tucker (tau=0.3)" in table and "Tucker fixed-rank GD" in table

