@@ -4,17 +4,18 @@
 ``PeftModel.from_pretrained`` and ``AutoPeftModel*`` work.
 """
 
-from .callback import TDLRTCallback
-from .checkpoint import IncompleteCheckpointError, last_complete_checkpoint, verify_checkpoint
-from .config import TuckerAdapterConfig
-from .factorized import FactorizedConv, FactorizedLinear, factorize
-from .integrator import TDLRTIntegrator, adapter_ranks, count_active_parameters, rank_statistics
-from .layer import TDLRTLayer
-from .model import TDLRTModel
-from .peft_patches import patch_peft_model
-from .registration import register
-from .storage import IntegratorNotRunError
-from .trainer import TDLRTTrainer
+from .layers.adapter import TDLRTLayer
+from .layers.factorized import FactorizedConv, FactorizedLinear, factorize
+from .layers.inventory import adapter_ranks, count_active_parameters, rank_statistics
+from .layers.storage import IntegratorNotRunError
+from .training.callback import TDLRTCallback
+from .training.checkpoint import IncompleteCheckpointError, last_complete_checkpoint, verify_checkpoint
+from .training.integrator import TDLRTIntegrator
+from .training.trainer import TDLRTTrainer
+from .tuner.config import TuckerAdapterConfig
+from .tuner.model import TDLRTModel
+from .tuner.peft_patches import patch_peft_model
+from .tuner.registration import register
 
 register(TuckerAdapterConfig, TDLRTModel)
 patch_peft_model()

@@ -5,12 +5,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tdrlt_peft.integrator import iter_storages
+from tdrlt_peft.layers.inventory import iter_storages
 
 
 def dense_weight(storage) -> torch.Tensor:
     """W = C x_1 U_1 ... of one adapter's active slices (unscaled)."""
-    from tdrlt_peft.tucker import tucker_to_tensor
+    from tdrlt_peft.math.tucker import tucker_to_tensor
 
     core, factors = storage.active()
     return tucker_to_tensor(core, factors)

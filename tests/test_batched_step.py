@@ -9,8 +9,9 @@ import torch
 from peft import get_peft_model
 from torch import nn
 
-from tdrlt_peft import TDLRTIntegrator, TuckerAdapterConfig, adapter_ranks, batched, geometry, step
-from tdrlt_peft.integrator import iter_storages
+from tdrlt_peft import TDLRTIntegrator, TuckerAdapterConfig, adapter_ranks
+from tdrlt_peft.layers.inventory import iter_storages
+from tdrlt_peft.math import batched, geometry, step
 
 from .tolerances import BATCHED, ORTHONORMAL
 
@@ -130,7 +131,7 @@ def test_two_host_syncs_per_step_whatever_the_number_of_adapters(monkeypatch):
 
 
 def test_batched_tucker_algebra_matches_unbatched():
-    from tdrlt_peft.tucker import fold, mode_dot, unfold
+    from tdrlt_peft.math.tucker import fold, mode_dot, unfold
 
     g = torch.Generator().manual_seed(0)
     T = torch.randn(3, 4, 5, 6, generator=g, dtype=F64)
@@ -146,7 +147,7 @@ def test_batched_tucker_algebra_matches_unbatched():
 
 
 def test_finite_check_is_entrywise():
-    from tdrlt_peft.integrator import _all_finite
+    from tdrlt_peft.training.integrator import _all_finite
 
     huge = torch.full((3, 3), 1e30)                    # finite, but its float32 2-norm overflows
     assert _all_finite([torch.randn(4, 2), huge])

@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 from tdrlt_peft import TDLRTIntegrator
-from tdrlt_peft.adam import AdamMoments, adam_direction
-from tdrlt_peft.geometry import augment_basis, orthogonality_error, truncation_rank
-from tdrlt_peft.layer import Linear
+from tdrlt_peft.layers.adapter import Linear
+from tdrlt_peft.math.adam import AdamMoments, adam_direction
+from tdrlt_peft.math.geometry import augment_basis, orthogonality_error, truncation_rank
 
 from .helpers import dense_weight, only_storage
 from .tolerances import IDENTITY, ORTHONORMAL
@@ -354,8 +354,8 @@ def test_trainer_parallel_differs_from_bug_and_refuses_a_second_callback(tmp_pat
 @pytest.mark.parametrize("factorize_spatial", [False, True])
 def test_bug_step_on_a_conv_tucker_adapter_equals_dense_reference(factorize_spatial):
     """Tucker: W_new = (W - λ G) x_i Π_i with Π_i the projector on span[U_i, G_Ki] (tau = 0 keeps the exact ranks)."""
-    from tdrlt_peft.conv import Conv2d
-    from tdrlt_peft.tucker import mode_dot, unfold
+    from tdrlt_peft.layers.conv import Conv2d
+    from tdrlt_peft.math.tucker import mode_dot, unfold
 
     torch.manual_seed(0)
     base = nn.Conv2d(6, 8, 3, padding=1, bias=False).to(F64)

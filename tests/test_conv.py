@@ -9,8 +9,8 @@ from peft import PeftModel, get_peft_model
 from torch import nn
 
 from tdrlt_peft import TDLRTIntegrator, TuckerAdapterConfig, adapter_ranks
-from tdrlt_peft.conv import Conv, Conv2d
-from tdrlt_peft.geometry import orthogonality_error
+from tdrlt_peft.layers.conv import Conv, Conv2d
+from tdrlt_peft.math.geometry import orthogonality_error
 
 from .helpers import only_storage
 from .tolerances import GRADIENT, IDENTITY, ORTHONORMAL

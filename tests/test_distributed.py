@@ -16,7 +16,7 @@ import torch
 from transformers import TrainerCallback
 
 from tdrlt_peft import adapter_ranks
-from tdrlt_peft.checkpoint import last_complete_checkpoint, verify_checkpoint
+from tdrlt_peft.training.checkpoint import last_complete_checkpoint, verify_checkpoint
 
 from .scripts.tiny_trainer import adapter_state, build_trainer, subprocess_env, tiny_model
 from .tolerances import DATA_PARALLEL

@@ -13,10 +13,10 @@ from peft import get_peft_model
 from torch import nn
 
 from tdrlt_peft import TDLRTIntegrator, TuckerAdapterConfig
-from tdrlt_peft.adam import AdamMoments, transport_columns
-from tdrlt_peft.integrator import iter_storages
-from tdrlt_peft.step import column_transport
-from tdrlt_peft.tucker import unfold
+from tdrlt_peft.layers.inventory import iter_storages
+from tdrlt_peft.math.adam import AdamMoments, transport_columns
+from tdrlt_peft.math.step import column_transport
+from tdrlt_peft.math.tucker import unfold
 
 F64 = torch.float64
 

@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from tdrlt_peft import TDLRTIntegrator, adapter_ranks, count_active_parameters
-from tdrlt_peft.factorized import FactorizedConv, FactorizedLinear, factorize, factorized_from
-from tdrlt_peft.geometry import orthogonality_error
+from tdrlt_peft.layers.factorized import FactorizedConv, FactorizedLinear, factorize, factorized_from
+from tdrlt_peft.math.geometry import orthogonality_error
 
 from .helpers import only_storage, tangent_projection
 from .tolerances import GRADIENT, IDENTITY, ORTHONORMAL

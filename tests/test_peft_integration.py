@@ -12,7 +12,7 @@ from torch import nn
 
 import tdrlt_peft
 from tdrlt_peft import IntegratorNotRunError, TDLRTIntegrator, TuckerAdapterConfig, adapter_ranks
-from tdrlt_peft.layer import TDLRTLayer
+from tdrlt_peft.layers.adapter import TDLRTLayer
 
 from .helpers import MLP, tiny_deberta, train_steps
 from .tolerances import IDENTITY

@@ -17,11 +17,11 @@ from peft import get_peft_model
 from torch import nn
 
 from tdrlt_peft import TDLRTIntegrator, TuckerAdapterConfig, adapter_ranks
-from tdrlt_peft.adam import AdamMoments
-from tdrlt_peft.geometry import orthogonality_error, orthonormalize, random_orthonormal
-from tdrlt_peft.integrator import iter_storages
-from tdrlt_peft.step import RankBounds, apply, propose, unfolding_bases
-from tdrlt_peft.tucker import multi_mode_dot, project_to_core, tucker_to_tensor, unfold
+from tdrlt_peft.layers.inventory import iter_storages
+from tdrlt_peft.math.adam import AdamMoments
+from tdrlt_peft.math.geometry import orthogonality_error, orthonormalize, random_orthonormal
+from tdrlt_peft.math.step import RankBounds, apply, propose, unfolding_bases
+from tdrlt_peft.math.tucker import multi_mode_dot, project_to_core, tucker_to_tensor, unfold
 
 from .helpers import MLP, tangent_projection, train_steps
 from .tolerances import IDENTITY, ORTHONORMAL, TRUNCATION_SLACK

@@ -22,15 +22,15 @@ from torch import nn
 from transformers import TrainerCallback, TrainingArguments
 
 from tdrlt_peft import TDLRTCallback, TDLRTIntegrator, TuckerAdapterConfig, adapter_ranks
-from tdrlt_peft.checkpoint import (
+from tdrlt_peft.layers.inventory import iter_storages
+from tdrlt_peft.math.geometry import orthogonality_error
+from tdrlt_peft.training.checkpoint import (
     MARKER,
-    AdapterMismatchError,
     IncompleteCheckpointError,
     last_complete_checkpoint,
     verify_checkpoint,
 )
-from tdrlt_peft.geometry import orthogonality_error
-from tdrlt_peft.integrator import iter_storages
+from tdrlt_peft.tuner.load_checks import AdapterMismatchError
 
 from .helpers import MLP, train_steps
 from .scripts.tiny_trainer import adapter_state, build_trainer, subprocess_env, tiny_model

@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from tdrlt_peft import TDLRTIntegrator, adapter_ranks
-from tdrlt_peft.geometry import augment_basis, orthogonality_error, truncation_rank
-from tdrlt_peft.layer import Linear
+from tdrlt_peft.layers.adapter import Linear
+from tdrlt_peft.math.geometry import augment_basis, orthogonality_error, truncation_rank
 
 from .helpers import dense_weight, only_storage, tangent_projection
 from .tolerances import GRADIENT, IDENTITY, ORTHONORMAL

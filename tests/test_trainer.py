@@ -9,7 +9,7 @@ from peft import get_peft_model
 from transformers import Trainer, TrainingArguments
 
 from tdrlt_peft import IntegratorNotRunError, TDLRTCallback, TuckerAdapterConfig, adapter_ranks
-from tdrlt_peft.layer import TDLRTLayer
+from tdrlt_peft.layers.adapter import TDLRTLayer
 
 from .helpers import tiny_deberta
 

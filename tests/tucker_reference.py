@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from tdrlt_peft.tucker import fold, multi_mode_dot, tucker_to_tensor, unfold
+from tdrlt_peft.math.tucker import fold, multi_mode_dot, tucker_to_tensor, unfold
 
 
 def core_gradient(G: Tensor, factors: list[Tensor | None]) -> Tensor:

@@ -1,5 +1,5 @@
-"""The trainers compared: TDLRT (the library's integrator on a ``tdrlt_peft.layer.Linear`` adapter over a frozen
-zero ``nn.Linear``, so the layer weight is exactly ``ΔW = U S V^T``), factorized gradient descent on LoRA factors
+"""The trainers compared: TDLRT (the library's integrator on a ``tdrlt_peft.layers.adapter.Linear`` adapter over a
+frozen zero ``nn.Linear``, so the layer weight is exactly ``ΔW = U S V^T``), factorized gradient descent on LoRA factors
 ``W = B A`` (SGD or Adam) and full gradient descent on a dense ``W``. All in float64, full batch.
 
 Every runner returns a ``Trajectory``: the loss, the relative error to ``W*`` and the rank at every iterate
@@ -17,10 +17,10 @@ import torch
 from torch import Tensor, nn
 
 from tdrlt_peft import TDLRTIntegrator
-from tdrlt_peft.integrator import iter_storages
-from tdrlt_peft.layer import Linear
-from tdrlt_peft.step import RankBounds
-from tdrlt_peft.tucker import tucker_to_tensor
+from tdrlt_peft.layers.adapter import Linear
+from tdrlt_peft.layers.inventory import iter_storages
+from tdrlt_peft.math.step import RankBounds
+from tdrlt_peft.math.tucker import tucker_to_tensor
 
 from .problems import F64, MatrixProblem
 

@@ -3,7 +3,7 @@ gradient descent, float64, sweeping the learning rate.
 
 The two hidden layers are rank-16 low-rank layers started from the rank-16 truncated SVD of PyTorch's default
 initialisation (the same function for every method): TDLRT at the fixed rank 16 (parallel and BUG, SGD core; a
-``tdrlt_peft.layer.Linear`` adapter over a frozen zero weight plus a bias) against LoRA factors ``W = B A``
+``tdrlt_peft.layers.adapter.Linear`` adapter over a frozen zero weight plus a bias) against LoRA factors ``W = B A``
 (balanced, SGD and Adam), and the dense network (full GD from the same start) for reference. Biases and the
 dense head are trained by the same optimizer as the method's factors (SGD at the same λ; Adam for LoRA-Adam).
 """

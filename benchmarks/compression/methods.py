@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from tdrlt_peft import TDLRTIntegrator, factorize
-from tdrlt_peft.factorized import FactorizedConv, FactorizedLayer
+from tdrlt_peft.layers.factorized import FactorizedConv, FactorizedLayer
 
 from .models import NETWORKS, compressed_convs
 

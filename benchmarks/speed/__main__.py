@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
                                                  args, device)
     if "vgg16" not in args.skip:
         try:
-            import tdrlt_peft.conv  # noqa: F401  (Tucker conv adapters)
+            import tdrlt_peft.layers.conv  # noqa: F401  (Tucker conv adapters)
         except ImportError:
             results["conv_skipped"] = "Tucker conv adapters (tdrlt_peft/conv.py) are not available: VGG skipped."
         else:

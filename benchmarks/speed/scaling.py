@@ -17,7 +17,7 @@ from peft import get_peft_model
 from torch import nn
 
 from tdrlt_peft import TDLRTIntegrator, TuckerAdapterConfig
-from tdrlt_peft.integrator import iter_storages
+from tdrlt_peft.layers.inventory import iter_storages
 
 from .measure import clock, profile_table
 

@@ -31,7 +31,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
-import tdrlt_peft.integrator as integrator_module  # noqa: E402
+import tdrlt_peft.training.integrator as integrator_module  # noqa: E402
 from tdrlt_peft import adapter_ranks  # noqa: E402
 from tests.scripts.tiny_trainer import adapter_state, build_trainer, tiny_model  # noqa: E402
 

@@ -16,10 +16,10 @@ from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import Tensor, nn
 
-from .adam import AdamMoments
+from ..math.adam import AdamMoments
+from ..math.geometry import compute_dtype, random_orthonormal
+from ..math.step import RankBounds
 from .functional import lowrank_linear
-from .geometry import compute_dtype, random_orthonormal
-from .step import RankBounds
 from .storage import LowRankStorage, StepTracker, factor_moment_shape, factor_moment_views
 
 
@@ -120,7 +120,7 @@ class TDLRTLayer(nn.Module, BaseTunerLayer):
     # ----------------------------------------------------------------- PEFT API
     def get_delta_weight(self, adapter: str) -> Tensor:
         """``scale * C x_1 U_1 ... x_d U_d`` in the base weight's dtype."""
-        from .tucker import tucker_to_tensor
+        from ..math.tucker import tucker_to_tensor
 
         core, factors = self.storage(adapter).active()
         delta = tucker_to_tensor(core, factors) * self.tdlrt_scale[adapter]

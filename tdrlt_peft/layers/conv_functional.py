@@ -32,11 +32,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .geometry import compute_dtype
-from .integrator import single_threaded_linalg
-from .step import unfolding_bases
+from ..math.geometry import compute_dtype
+from ..math.step import unfolding_bases
+from ..math.threads import single_threaded_linalg
+from ..math.tucker import fold, multi_mode_dot, unfold
 from .storage import StepTracker
-from .tucker import fold, multi_mode_dot, unfold
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CONV_WEIGHT = {1: torch.nn.grad.conv1d_weight, 2: torch.nn.grad.conv2d_weight, 3: torch.nn.grad.conv3d_weight}

@@ -22,9 +22,9 @@ from typing import Any, Literal
 import torch
 from transformers import Trainer
 
+from ..layers.inventory import iter_storages
 from .callback import TDLRTCallback
 from .checkpoint import last_complete_checkpoint
-from .integrator import iter_storages
 
 INTEGRATORS = ("parallel", "bug")
 

@@ -24,7 +24,10 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from .adam import AdamMoments
+from ..math.adam import AdamMoments
+from ..math.geometry import compute_dtype, random_orthonormal, truncation_rank
+from ..math.step import RankBounds
+from ..math.tucker import project_to_core, tucker_to_tensor, unfold
 from .conv_functional import (
     ConvSpec,
     check_groups,
@@ -34,10 +37,7 @@ from .conv_functional import (
     tucker_conv_autograd,
 )
 from .functional import lowrank_linear
-from .geometry import compute_dtype, random_orthonormal, truncation_rank
-from .step import RankBounds
 from .storage import LowRankStorage, StepTracker, factor_moment_shape, factor_moment_views
-from .tucker import project_to_core, tucker_to_tensor, unfold
 
 Init = Literal["random", "weights"]
 TrainWith = Literal["integrator", "optimizer"]

@@ -6,11 +6,11 @@ from peft.tuners.tuners_utils import BaseTuner
 from peft.utils.other import get_pattern_key
 from torch import nn
 
-from .checkpoint import check_saved_adapter
+from ..layers.adapter import Linear, TDLRTLayer
+from ..layers.conv import CONV_LAYER_TYPES
+from ..layers.inventory import adapter_ranks
 from .config import TRANSFORMERS_MODELS_TO_TDLRT_TARGET_MODULES_MAPPING, TuckerAdapterConfig
-from .conv import CONV_LAYER_TYPES
-from .integrator import adapter_ranks
-from .layer import Linear, TDLRTLayer
+from .load_checks import check_saved_adapter
 from .registration import PREFIX
 
 # layer type -> adapter class (Tucker adapters of convolutions: conv.py)

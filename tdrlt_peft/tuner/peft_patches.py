@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from peft import PeftModel
 
-from .integrator import iter_storages
+from ..layers.inventory import iter_storages
 
 
 def _patched(original) -> bool:

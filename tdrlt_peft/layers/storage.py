@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from .adam import AdamMoments
-from .step import RankBounds
+from ..math.adam import AdamMoments
+from ..math.step import RankBounds
 
 
 class IntegratorNotRunError(RuntimeError):

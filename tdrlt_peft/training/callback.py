@@ -13,8 +13,9 @@ import sys
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from ..layers.inventory import adapter_ranks, iter_storages, rank_statistics
 from .checkpoint import mark_complete
-from .integrator import TDLRTIntegrator, _all_finite, adapter_ranks, iter_storages, rank_statistics
+from .integrator import TDLRTIntegrator, _all_finite
 
 
 class TDLRTCallback(TrainerCallback):

@@ -29,10 +29,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..layers.storage import LowRankStorage, active_factor_moments
 from .adam import AdamMoments, adam_direction, transport_columns
 from .geometry import DROP_FACTOR, compute_dtype, eps, orthonormality_tolerance, orthonormalize, truncation_rank
 from .step import Proposal, apply, column_transport, precondition_k_grads, unfolding_bases
-from .storage import LowRankStorage, active_factor_moments
 from .tucker import mode_dot
 
 

@@ -13,8 +13,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from .adapter import TDLRTLayer
 from .conv_functional import ConvSpec, check_groups, tucker_conv
-from .layer import TDLRTLayer
 
 SPATIAL_FACTOR_NAMES = ("tdlrt_U3", "tdlrt_U4", "tdlrt_U5")
 

@@ -15,51 +15,21 @@ are broadcast so every process truncates identically.
 
 from __future__ import annotations
 
-import contextlib
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
-from .batched import BatchedStep
-from .geometry import compute_dtype
-from .step import apply, propose
-from .storage import LowRankStorage
+from ..layers.inventory import iter_storages
+from ..layers.storage import LowRankStorage
+from ..math.batched import BatchedStep
+from ..math.geometry import compute_dtype
+from ..math.step import apply, propose
+from ..math.threads import single_threaded_linalg
 
 CORE_OPTIMIZERS = ("adam", "sgd")
-
-
-def iter_storages(model: nn.Module, adapter_name: str | None = None) -> Iterator[LowRankStorage]:
-    """Every low-rank adapter of ``model`` (active adapters only, unless ``adapter_name`` names one)."""
-    for module_name, module in model.named_modules():
-        storages = getattr(module, "tdlrt_storages", None)
-        if callable(storages):
-            yield from storages(module_name, adapter_name)
-
-
-def adapter_ranks(model: nn.Module, adapter_name: str | None = None) -> dict[str, tuple[int, ...]]:
-    """Module name -> current rank per adaptive mode (matrix adapters: ``(r, r)``)."""
-    return {s.name: tuple(r for U, r in zip(s.factors, s.ranks) if U is not None)
-            for s in iter_storages(model, adapter_name)}
-
-
-def count_active_parameters(model: nn.Module) -> int:
-    """Trainable parameters with adapters counted at their active sizes (``sum n_i r_i + prod r_i``)."""
-    storages = list(iter_storages(model))
-    stored = {id(p) for s in storages for p in s.parameters()}
-    others = sum(p.numel() for p in model.parameters() if p.requires_grad and id(p) not in stored)
-    return others + sum(s.num_active_parameters() for s in storages if s.core.requires_grad)
-
-
-def rank_statistics(model: nn.Module) -> dict[str, float]:
-    """Mean/min/max rank over all adaptive modes and the active trainable parameters, for logging."""
-    ranks = [r for rs in adapter_ranks(model).values() for r in rs]
-    if not ranks:
-        return {}
-    return {"tdlrt/mean_rank": sum(ranks) / len(ranks), "tdlrt/min_rank": float(min(ranks)),
-            "tdlrt/max_rank": float(max(ranks)), "tdlrt/active_params": float(count_active_parameters(model))}
 
 
 class TDLRTIntegrator:
@@ -170,24 +140,6 @@ class TDLRTIntegrator:
         return propose(core.to(dtype), [None if U is None else U.to(dtype) for U in factors], core_grad,
                        k_grads, lr, s.bounds, matrix=s.matrix, storage_ranks=s.storage_ranks(),
                        moments=moments, adam=self.adam if moments is not None else None)
-
-
-@contextlib.contextmanager
-def single_threaded_linalg(device: torch.device):
-    """The step's QR/SVDs are tiny (r x r to n x 2r): on CPU, multi-threaded LAPACK spends far longer
-    synchronising threads than computing (measured with MKL on 2 cores: QR of 64x4 8 ms with 2 threads,
-    7 us with 1; SVD 54 ms vs 20 us). The same holds for the step's other small ops (zeroing a 768 x 16 slice:
-    0.4 ms on one thread, up to 100 ms on two threads of a loaded machine). Run them on one thread and restore the
-    setting afterwards."""
-    if device.type != "cpu":
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _all_finite(tensors: list[Tensor]) -> bool:

@@ -31,10 +31,10 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from .adam import AdamMoments, adam_direction, pad_moments
-from .geometry import augment_basis, compute_dtype
-from .step import Proposal, apply, pad_to, precondition_k_grads, truncation_proposal, unfolding_bases
-from .storage import LowRankStorage
+from ..layers.storage import LowRankStorage
+from ..math.adam import AdamMoments, adam_direction, pad_moments
+from ..math.geometry import augment_basis, compute_dtype
+from ..math.step import Proposal, apply, pad_to, precondition_k_grads, truncation_proposal, unfolding_bases
 
 if TYPE_CHECKING:
     from .integrator import TDLRTIntegrator
@@ -144,7 +144,9 @@ def bug_step(integrator: TDLRTIntegrator, lr: float, closure: Callable[[], Tenso
     Atomic: any exception restores every adapter (and re-raises); a non-finite gradient in either pass skips
     the step for every adapter. Returns whether the step was taken.
     """
-    from .integrator import _agree, _all_finite, iter_storages, single_threaded_linalg
+    from ..layers.inventory import iter_storages
+    from ..math.threads import single_threaded_linalg
+    from .integrator import _agree, _all_finite
 
     model = integrator.model
     lr = float(lr) * integrator.lr_factor

@@ -1,0 +1,1 @@
+"""Training glue: the integrator, the Trainer callback and subclass, checkpoint markers."""

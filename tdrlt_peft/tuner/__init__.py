@@ -1,0 +1,1 @@
+"""The PEFT tuner: config, model (injection), registration of the method "TDLRT"."""
