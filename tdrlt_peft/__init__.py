@@ -7,10 +7,11 @@
 from .layers.adapter import TDLRTLayer
 from .layers.factorized import FactorizedConv, FactorizedLinear, factorize
 from .layers.inventory import adapter_ranks, count_active_parameters, rank_statistics
-from .layers.storage import IntegratorNotRunError
+from .layers.tracker import IntegratorNotRunError
 from .training.callback import TDLRTCallback
 from .training.checkpoint import IncompleteCheckpointError, last_complete_checkpoint, verify_checkpoint
 from .training.integrator import TDLRTIntegrator
+from .training.optimizer import TDLRTOptimizer as TDLRTOptimizer
 from .training.trainer import TDLRTTrainer
 from .tuner.config import TuckerAdapterConfig
 from .tuner.model import TDLRTModel

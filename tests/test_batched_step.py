@@ -1,6 +1,7 @@
-"""The batched integrator step (``batched.py``) against the per-adapter step (``TDLRTIntegrator(batched=False)``):
-same ranks and same tensors to 1e-10 in float64, over several steps whose ranks change, for matrix and Tucker
-(conv) adapters, SGD and Adam, with a rank-deficient and a zero gradient among same-shaped adapters."""
+"""The step engine on groups of same-shaped adapters with different ranks (``TDLRTIntegrator()``) against groups of
+one (``TDLRTIntegrator(batched=False)``): same ranks and same tensors to 1e-10 in float64, over several steps whose
+ranks change, for matrix and Tucker (conv) adapters, SGD and Adam, with a rank-deficient and a zero gradient among
+same-shaped adapters."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ from peft import get_peft_model
 from torch import nn
 
 from tdrlt_peft import TDLRTIntegrator, TuckerAdapterConfig, adapter_ranks
+from tdrlt_peft.layers import groups
 from tdrlt_peft.layers.inventory import iter_storages
-from tdrlt_peft.math import batched, geometry, step
+from tdrlt_peft.math import engine, geometry
 
 from .tolerances import BATCHED, ORTHONORMAL
 
@@ -74,11 +76,9 @@ def adapter_tensors(model) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("core_optimizer,lr", [("sgd", 1.0), ("adam", 0.1)])
 @pytest.mark.parametrize("factorize_spatial", [False, True])
 def test_batched_step_equals_per_adapter_step(core_optimizer, lr, factorize_spatial, monkeypatch):
-    group_sizes = []
-    propose_group = batched.propose_group
-    monkeypatch.setattr(batched, "propose_group", lambda s, *a: group_sizes.append(len(s)) or propose_group(s, *a))
-    fallbacks = []
-    monkeypatch.setattr(batched, "apply", lambda p, k: fallbacks.append(k) or step.apply(p, k))
+    group_ranks = []
+    propose = engine.propose
+    monkeypatch.setattr(engine, "propose", lambda g, *a: group_ranks.append(g.ranks.tolist()) or propose(g, *a))
 
     reference, fast = build(factorize_spatial), build(factorize_spatial)
     expected = run(reference, False, 4, core_optimizer, lr)
@@ -86,7 +86,9 @@ def test_batched_step_equals_per_adapter_step(core_optimizer, lr, factorize_spat
 
     assert got == expected
     assert len({r for ranks in got for rs in ranks.values() for r in rs}) > 2      # ranks moved
-    assert max(group_sizes) >= 3 and fallbacks                                     # batched groups and fallbacks ran
+    # groups of 3 or more adapters, some of them with different ranks within the group
+    assert max(len(g) for g in group_ranks) >= 4
+    assert any(len({tuple(r) for r in g}) > 1 for g in group_ranks)
     reference_tensors = adapter_tensors(reference)
     for name, value in adapter_tensors(fast).items():
         torch.testing.assert_close(value, reference_tensors[name], atol=BATCHED[F64], rtol=0, msg=name)
@@ -105,49 +107,31 @@ def test_zero_core_keeps_the_leading_basis_columns_as_per_adapter_path():
         torch.testing.assert_close(value, reference_tensors[name], atol=BATCHED[F64], rtol=0, msg=name)
 
 
-def test_reorthonormalization_matches_per_adapter_path(monkeypatch):
-    """Force the float32 round-off repair (tolerance 0) in both paths, with a visible repair (``U = (2U)(I/2)``,
-    W unchanged) instead of the QR, which changes a float64 basis by O(eps) only: the batched repair is the same."""
-    def doubling(U):
-        return 2 * U, torch.eye(U.shape[1], dtype=U.dtype) / 2
-
-    for module in (batched, step):
-        monkeypatch.setattr(module, "orthonormality_tolerance", lambda U: 0.0)
-        monkeypatch.setattr(module, "orthonormalize", doubling)
-    reference, fast = build(), build()
-    assert run(fast, True, 2, "adam", 0.05) == run(reference, False, 2, "adam", 0.05)
-    reference_tensors = adapter_tensors(reference)
-    for name, value in adapter_tensors(fast).items():
-        torch.testing.assert_close(value, reference_tensors[name], atol=BATCHED[F64], rtol=0, msg=name)
-
-
-def test_two_host_syncs_per_step_whatever_the_number_of_adapters(monkeypatch):
-    calls = []
-    to_host = batched.to_host
-    monkeypatch.setattr(batched, "to_host", lambda tensors: calls.append(len(tensors)) or to_host(tensors))
+def test_adapters_are_grouped_by_shape_only():
+    """Mixed ranks in one group: the 10x12 linears a, b, c, zero, e (e starts at rank 3) form one group."""
     model = build()
-    run(model, True, 3, "adam", 0.05)
-    assert len(calls) == 6
+    parts = groups.partition(list(iter_storages(model)))
+    assert sorted(len(p) for p in parts) == [1, 2, 5]
 
 
 def test_batched_tucker_algebra_matches_unbatched():
-    from tdrlt_peft.math.tucker import fold, mode_dot, unfold
+    from tdrlt_peft.math.tucker import batch_fold, batch_mode_dot, batch_unfold, fold, mode_dot, unfold
 
     g = torch.Generator().manual_seed(0)
     T = torch.randn(3, 4, 5, 6, generator=g, dtype=F64)
     M = torch.randn(3, 7, 5, generator=g, dtype=F64)
     for mode in range(3):
         for b in range(3):
-            torch.testing.assert_close(batched.batch_unfold(T, mode)[b], unfold(T[b], mode), atol=0, rtol=0)
-            folded = batched.batch_fold(batched.batch_unfold(T, mode), mode, T.shape[1:])
+            torch.testing.assert_close(batch_unfold(T, mode)[b], unfold(T[b], mode), atol=0, rtol=0)
+            folded = batch_fold(batch_unfold(T, mode), mode, T.shape[1:])
             torch.testing.assert_close(folded[b], fold(unfold(T[b], mode), mode, T.shape[1:]), atol=0, rtol=0)
     for b in range(3):
-        torch.testing.assert_close(batched.batch_mode_dot(T, M, 1)[b], mode_dot(T[b], M[b], 1),
+        torch.testing.assert_close(batch_mode_dot(T, M, 1)[b], mode_dot(T[b], M[b], 1),
                                    atol=BATCHED[F64], rtol=0)
 
 
 def test_finite_check_is_entrywise():
-    from tdrlt_peft.training.integrator import _all_finite
+    from tdrlt_peft.training.integrator import all_finite as _all_finite
 
     huge = torch.full((3, 3), 1e30)                    # finite, but its float32 2-norm overflows
     assert _all_finite([torch.randn(4, 2), huge])

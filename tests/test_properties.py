@@ -18,9 +18,10 @@ from torch import nn
 
 from tdrlt_peft import TDLRTIntegrator, TuckerAdapterConfig, adapter_ranks
 from tdrlt_peft.layers.inventory import iter_storages
+from tdrlt_peft.math import engine
 from tdrlt_peft.math.adam import AdamMoments
+from tdrlt_peft.math.engine import RankBounds
 from tdrlt_peft.math.geometry import orthogonality_error, orthonormalize, random_orthonormal
-from tdrlt_peft.math.step import RankBounds, apply, propose, unfolding_bases
 from tdrlt_peft.math.tucker import multi_mode_dot, project_to_core, tucker_to_tensor, unfold
 
 from .helpers import MLP, tangent_projection, train_steps
@@ -53,6 +54,12 @@ def step_problems(draw, roomy: bool = False):
                 seed=draw(st.integers(0, 2**31 - 1)))
 
 
+def pad(tensor, shape):
+    out = tensor.new_zeros(shape)
+    out[tuple(slice(0, s) for s in tensor.shape)] = tensor
+    return out
+
+
 def build_step(problem):
     """Tensors of the problem and the step's inputs ``(core, factors, G_C, G_K)`` as the layers deliver them."""
     g = torch.Generator().manual_seed(problem["seed"])
@@ -64,26 +71,54 @@ def build_step(problem):
         core = core * (problem["decay"] ** torch.arange(r, dtype=F64)).reshape(shape)
     G = torch.randn(problem["sizes"], dtype=F64, generator=g)
     core_grad = project_to_core(G, factors)                          # G x_j U_j^T
-    qs = unfolding_bases(core, [True] * core.dim(), problem["matrix"])
-    # G_Ki = Mat_i(G x_{j != i} U_j^T) Q_i  (Q = I for a matrix)
-    k_grads = [unfold(multi_mode_dot(G, factors, skip=i, transpose=True), i) @ (torch.eye(r, dtype=F64) if Q is None
-                                                                                else Q)
-               for i, (Q, r) in enumerate(zip(qs, problem["ranks"]))]
+    widths = problem["widths"]
+    ranks = torch.tensor([problem["ranks"]])
+    qs = engine.row_space_bases(pad(core, widths)[None], ranks, [True] * core.dim(), problem["matrix"])
+    # G_Ki = Mat_i(G x_{j != i} U_j^T) Q_i  (Q = I for a matrix), in the padded index space of the storage
+    k_grads = []
+    for i, (Q, w) in enumerate(zip(qs, widths)):
+        others = [n if j == i else widths[j] for j, n in enumerate(problem["sizes"])]
+        partial = unfold(pad(multi_mode_dot(G, factors, skip=i, transpose=True), others), i)
+        # a matrix's K-gradient columns are the other side's basis; a Tucker mode's are Q_i's
+        k = partial[:, : min(w, widths[1 - i])] if Q is None else partial @ Q[0]
+        k_grads.append(pad(k, (k.shape[0], w))[None])
     moments = None
     if problem["adam"]:
         shape = problem["ranks"]
         moments = AdamMoments(torch.randn(shape, dtype=F64, generator=g), torch.rand(shape, dtype=F64, generator=g),
                               torch.full(shape, 0.5, dtype=F64), torch.full(shape, 0.5, dtype=F64))
-    return factors, core, G, core_grad, k_grads, moments
+    group = engine.Group(core=pad(core, widths)[None], factors=[pad(U, (U.shape[0], w))[None] for U, w in
+                                                                zip(factors, widths)],
+                         ranks=ranks, matrix=problem["matrix"],
+                         moments=None if moments is None else AdamMoments(*(pad(m, widths)[None]
+                                                                            for m in moments.tensors())))
+    return factors, core, G, pad(core_grad, widths)[None], k_grads, group
+
+
+class ActiveProposal:
+    """The engine's proposal of one adapter, as active slices: ranks, (P, sigma) per mode, Ĉ and Û."""
+
+    def __init__(self, proposal):
+        self.ranks = proposal.ranks[0].tolist()
+        augmented = proposal.augmented[0].tolist()
+        self.core = proposal.core[0][tuple(slice(0, r) for r in augmented)]
+        self.bases = [U[0, :, :r] for U, r in zip(proposal.bases, augmented)]
+        self.svds = [(P[0], values[0, :r].clamp_min(0).sqrt().sort(descending=True).values)
+                     for (values, P), r in zip(proposal.eig, augmented)]
 
 
 def run_step(problem):
-    factors, core, G, core_grad, k_grads, moments = build_step(problem)
-    adam = {"betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0} if moments is not None else None
-    proposal = propose(core, factors, core_grad, k_grads, problem["lr"], problem["bounds"],
-                       matrix=problem["matrix"], storage_ranks=problem["widths"], moments=moments, adam=adam)
-    new_core, new_factors, _ = apply(proposal, proposal.ranks)
-    return proposal, new_core, new_factors, (core, factors, G)
+    factors, core, G, core_grad, k_grads, group = build_step(problem)
+    adam = {"betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0} if group.moments is not None else None
+    b = problem["bounds"]
+    bounds = engine.Bounds(torch.tensor([b.tau], dtype=F64), torch.tensor([b.r_min]), torch.tensor([b.r_max]),
+                           torch.tensor([b.absolute]))
+    proposal = engine.propose(group, core_grad, k_grads, problem["lr"], bounds, adam)
+    new = engine.apply(proposal, proposal.ranks)
+    active = ActiveProposal(proposal)
+    new_core = new.core[0][tuple(slice(0, r) for r in active.ranks)]
+    new_factors = [U[0, :, :r] for U, r in zip(new.factors, active.ranks)]
+    return active, new_core, new_factors, (core, factors, G)
 
 
 def tails(proposal) -> list[float]:

@@ -15,3 +15,6 @@ BATCHED = {torch.float64: 1e-10, torch.float32: 1e-5}
 DATA_PARALLEL = {torch.float64: 1e-12, torch.float32: 5e-5}
 # truncation error of a step vs its bound tau * ||Ĉ||_F (relative slack for round-off)
 TRUNCATION_SLACK = {torch.float64: 1e-10, torch.float32: 1e-5}
+# half precision: merged vs unmerged outputs, unmerge vs the original weight, reloaded vs saved adapters (each
+# a handful of roundings of values of order 1 at eps = 2^-7 (bfloat16) / 2^-10 (float16))
+LOW_PRECISION = {torch.bfloat16: 2 * 2.0**-7, torch.float16: 2 * 2.0**-10}

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from tdrlt_peft import TDLRTIntegrator
 from tdrlt_peft.layers.adapter import Linear
 from tdrlt_peft.layers.inventory import iter_storages
-from tdrlt_peft.math.step import RankBounds
+from tdrlt_peft.math.engine import RankBounds
 from tdrlt_peft.math.tucker import tucker_to_tensor
 
 from .problems import F64, MatrixProblem

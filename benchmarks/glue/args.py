@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from transformers import HfArgumentParser
 
 from . import RunnerError
-from .data import ROTTEN_TOMATOES, glue_files, task_to_keys
+from .data import OFFLINE_DATASETS, glue_files, task_to_keys
 from .recipes import PRESETS, Recipe
 
 METHODS = ("tdlrt", "lora", "adalora", "full")
@@ -36,7 +36,8 @@ class DataArguments:
     task: list[str] = field(default_factory=lambda: ["sst2"], metadata={
         "help": f"One or more of {', '.join(task_to_keys)}, or all."})
     dataset: str = field(default="glue", metadata={
-        "help": f"glue (the hub, or --data_dir) or {ROTTEN_TOMATOES} (offline SST-2 stand-in)."})
+        "help": "glue (the hub, or --data_dir), or offline: "
+                + "; ".join(f"{name} ({d.help})" for name, d in OFFLINE_DATASETS.items()) + "."})
     data_dir: str | None = field(default=None, metadata={
         "help": "Folder with the GLUE files (train.tsv, dev.tsv; MNLI dev_matched.tsv, dev_mismatched.tsv), "
                 "either one task's folder or the GLUE root holding CoLA/, SST-2/, ..."})
@@ -123,10 +124,12 @@ def validate(args: Args) -> Args:
     """Check names and combinations before anything slow happens; expand ``all``."""
     args.data.task = _expand(args.data.task, task_to_keys, "--task")
     args.model.method = _expand(args.model.method, METHODS, "--method")
-    if args.data.dataset not in ("glue", ROTTEN_TOMATOES):
-        raise RunnerError(f"unknown --dataset {args.data.dataset!r}; valid: glue, {ROTTEN_TOMATOES}")
-    if args.data.dataset == ROTTEN_TOMATOES and args.data.task != ["sst2"]:
-        raise RunnerError(f"--dataset {ROTTEN_TOMATOES} is an SST-2 stand-in: use it with --task sst2")
+    offline = OFFLINE_DATASETS.get(args.data.dataset)
+    if offline is None and args.data.dataset != "glue":
+        raise RunnerError(f"unknown --dataset {args.data.dataset!r}; valid: glue, {', '.join(OFFLINE_DATASETS)}")
+    if offline is not None and args.data.task != [offline.task]:
+        raise RunnerError(f"--dataset {args.data.dataset} uses the {offline.task} format and recipe: use it with "
+                          f"--task {offline.task}")
     if not args.run.seeds:
         raise RunnerError("--seeds needs at least one seed")
     if args.data.data_dir is not None and args.data.dataset == "glue":

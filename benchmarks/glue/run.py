@@ -3,7 +3,7 @@
 import dataclasses
 import gc
 import json
-import math
+import logging
 import tempfile
 import threading
 import time
@@ -16,10 +16,13 @@ import transformers
 from transformers import DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from .args import Args
-from .data import load_raw, subset, task_to_keys, tokenize
+from .data import eval_splits, load_raw, subset, task_to_keys, tokenize
 from .methods import build_model, load_backbone, load_tokenizer, trainable_parameters
 from .metrics import glue_metrics, predictions_from_logits
 from .recipes import Recipe, resolve_recipe
+from .schedule import Schedule, plan_schedule
+
+logger = logging.getLogger(__name__)
 
 
 def run_all(args: Args) -> list[dict]:
@@ -32,11 +35,12 @@ def run_all(args: Args) -> list[dict]:
     for task in args.data.task:
         recipe = resolve_recipe(task, args.recipe_overrides())
         data = prepare_data(task, args, tokenizer, recipe.max_seq_length)
+        schedule = plan_schedule(len(data["train"]), recipe, args.run)  # a bad warm-up stops before training
         for method, seed in plan:
             done += 1
             print(f"\n[{done}/{len(plan) * len(args.data.task)}] task={task} method={method} seed={seed} "
                   f"train={len(data['train'])} examples", flush=True)
-            result = run_one(task, method, seed, args, recipe, tokenizer, data)
+            result = run_one(task, method, seed, args, recipe, tokenizer, data, schedule)
             (out / f"{task}_{method}_seed{seed}.json").write_text(json.dumps(result, indent=1))
             print(f"    {result['metrics']}  trainable={result['trainable_params']:,}  "
                   f"{result['train_seconds']:.0f}s", flush=True)
@@ -52,33 +56,27 @@ def prepare_data(task: str, args: Args, tokenizer, max_length: int):
     return tokenize(raw, tokenizer, task, max_length)
 
 
-def total_steps(n_train: int, recipe: Recipe, args: Args) -> int:
-    """Optimizer steps of a one-device run, as the Trainer counts them (AdaLoRA's schedule needs them first)."""
-    if args.run.max_steps > 0:
-        return args.run.max_steps
-    batches = math.ceil(n_train / recipe.per_device_train_batch_size)
-    per_epoch = max(1, math.ceil(batches / args.run.gradient_accumulation_steps))
-    return math.ceil(recipe.num_train_epochs * per_epoch)
-
-
-def run_one(task: str, method: str, seed: int, args: Args, recipe: Recipe, tokenizer, data) -> dict:
+def run_one(task: str, method: str, seed: int, args: Args, recipe: Recipe, tokenizer, data,
+            schedule: Schedule | None = None) -> dict:
+    schedule = schedule or plan_schedule(len(data["train"]), recipe, args.run)
     set_seed(seed)
     model = load_backbone(args.model.model, task, recipe.cls_dropout)
-    steps = total_steps(len(data["train"]), recipe, args)
-    built = build_model(method, model, task, recipe, steps, args.model.target_modules)
+    built = build_model(method, model, task, recipe, schedule.total_steps, args.model.target_modules)
+    print(f"    {schedule.describe(built.learning_rate)}", flush=True)
     history = RankHistory(built) if built.ranks is not None else None
     on_gpu = torch.cuda.is_available() and not args.run.use_cpu
     with tempfile.TemporaryDirectory() as scratch:  # nothing is saved: save_strategy="no"
         trainer = Trainer(
-            model=built.model, args=_training_arguments(scratch, seed, built.learning_rate, recipe, args),
+            model=built.model, args=_training_arguments(scratch, seed, built.learning_rate, schedule, recipe, args),
             train_dataset=data["train"], data_collator=DataCollatorWithPadding(tokenizer),
-            processing_class=tokenizer, callbacks=[*built.callbacks, *([history] if history else [])])
+            processing_class=tokenizer,
+            callbacks=[*built.callbacks, *([history] if history else []), ScheduleCheck(schedule)])
         with PeakMemory(on_gpu) as peak:
             start = time.perf_counter()
             trainer.train()
             train_seconds = time.perf_counter() - start
         start = time.perf_counter()
-        metrics = evaluate(trainer, task, data)
+        metrics = evaluate(trainer, task, data, args.data.dataset)
         eval_seconds = time.perf_counter() - start
     spec = task_to_keys[task]
     result = {
@@ -94,8 +92,9 @@ def run_one(task: str, method: str, seed: int, args: Args, recipe: Recipe, token
         "peak_memory_mb": peak.mb, "peak_memory_kind": peak.kind,
         "device": torch.cuda.get_device_name() if on_gpu else "cpu",
         "train_examples": len(data["train"]),
-        "eval_examples": {s.hub_split: len(data[s.hub_split]) for s in spec.eval_splits},
+        "eval_examples": {s.hub_split: len(data[s.hub_split]) for s in eval_splits(task, args.data.dataset)},
         "optimizer_steps": trainer.state.global_step, "learning_rate": built.learning_rate,
+        "schedule": schedule.record(built.learning_rate),
         "recipe": dataclasses.asdict(recipe), "adapter_config": _adapter_config(built.model),
         "log_history": trainer.state.log_history,
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
@@ -121,28 +120,43 @@ def _adapter_config(model) -> dict | None:
     return json.loads(json.dumps(config.to_dict(), default=lambda v: sorted(v) if isinstance(v, set) else str(v)))
 
 
-def _training_arguments(output_dir: str, seed: int, learning_rate: float, recipe: Recipe, args: Args):
+def _training_arguments(output_dir: str, seed: int, learning_rate: float, schedule: Schedule, recipe: Recipe,
+                        args: Args):
     return TrainingArguments(
         output_dir=output_dir, seed=seed, data_seed=seed, learning_rate=learning_rate,
         num_train_epochs=recipe.num_train_epochs, max_steps=args.run.max_steps,
         per_device_train_batch_size=recipe.per_device_train_batch_size,
         per_device_eval_batch_size=args.run.per_device_eval_batch_size,
-        gradient_accumulation_steps=args.run.gradient_accumulation_steps, warmup_steps=recipe.warmup_steps,
-        weight_decay=recipe.weight_decay, max_grad_norm=args.run.max_grad_norm, lr_scheduler_type="linear",
+        gradient_accumulation_steps=args.run.gradient_accumulation_steps, warmup_steps=schedule.warmup_steps,
+        weight_decay=recipe.weight_decay, max_grad_norm=args.run.max_grad_norm, lr_scheduler_type=schedule.scheduler,
         logging_steps=args.run.logging_steps, eval_strategy="no", save_strategy="no", report_to="none",
         fp16=args.run.fp16, bf16=args.run.bf16, use_cpu=args.run.use_cpu, disable_tqdm=False,
         dataloader_pin_memory=torch.cuda.is_available() and not args.run.use_cpu,
     )
 
 
-def evaluate(trainer: Trainer, task: str, data) -> dict:
-    """Metrics of every dev set of ``task``; MNLI's names get a ``matched_``/``mismatched_`` prefix."""
+def evaluate(trainer: Trainer, task: str, data, dataset: str = "glue") -> dict:
+    """Metrics of every scored split (``data.eval_splits``); names get the split's prefix (MNLI's ``matched_``)."""
     metrics = {}
-    for split in task_to_keys[task].eval_splits:
+    for split in eval_splits(task, dataset):
         out = trainer.predict(data[split.hub_split])
         scores = glue_metrics(task, predictions_from_logits(task, out.predictions), out.label_ids)
         metrics.update({f"{split.prefix}_{k}" if split.prefix else k: v for k, v in scores.items()})
     return metrics
+
+
+class ScheduleCheck(TrainerCallback):
+    """Warn when the Trainer counts other optimizer steps than the printed schedule (e.g. several devices)."""
+
+    def __init__(self, schedule: Schedule):
+        self.schedule = schedule
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.max_steps != self.schedule.total_steps:
+            logger.warning("the Trainer runs %d optimizer steps, not the %d of the printed schedule (several "
+                           "devices?): its warm-up of %d steps is %.0f%% of the run", state.max_steps,
+                           self.schedule.total_steps, self.schedule.warmup_steps,
+                           100 * self.schedule.warmup_steps / max(state.max_steps, 1))
 
 
 class RankHistory(TrainerCallback):

@@ -1,4 +1,8 @@
-"""``python -m benchmarks.speed [--quick] [--device cuda]``: TDLRT against LoRA per training step; see ``--help``."""
+"""``python -m benchmarks.speed [--quick] [--device cuda] [--counts]``: TDLRT against LoRA per training step.
+
+Every run also counts what one integrator step dispatches (compute ops, linear-algebra calls, host reads;
+``counts.py``). ``--counts`` runs only the step-count sweep of issue #13 (``count_sweep.py``). See ``--help``.
+"""
 
 from __future__ import annotations
 
@@ -32,6 +36,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--profile", action="store_true",
                    help="also write a torch.profiler table of one step per method (profile_*.txt)")
     p.add_argument("--skip", nargs="*", default=[], choices=["deberta", "vgg16", "scaling"])
+    p.add_argument("--counts", action="store_true",
+                   help="only the integrator step-count sweep (MiniLM shape: 36-288 adapters, 1-8 distinct ranks, "
+                        "adam and sgd) against the issue-13 targets: counts.md / counts.json / counts.png")
     p.add_argument("--output-dir", type=Path, default=Path("outputs/speed"))
     args = p.parse_args(argv)
     if args.quick:
@@ -72,6 +79,13 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         print("benchmarks.speed: --device cuda but no CUDA device is available", file=sys.stderr)
         return 2
+    if args.counts:
+        from . import count_sweep
+
+        table = count_sweep.write(count_sweep.sweep(device, args.quick), args.output_dir)
+        print(table)
+        print(f"\ncounts.json, counts.md and counts.png in {args.output_dir}/")
+        return 0
     results: dict = {"settings": settings(args, device), "args": {k: str(v) for k, v in vars(args).items()},
                      "training": {}}
     start = time.perf_counter()

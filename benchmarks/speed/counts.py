@@ -27,14 +27,18 @@ The rules, op by op (``func`` an ``OpOverload``):
   On a CPU run every read counts (the CPU stands in for the GPU); on a GPU run a read whose inputs are all CPU
   tensors is a host-side table, not a sync: it goes to ``cpu_side_reads``, not to ``host_reads``.
 
-Only the calling thread is seen (dispatch modes are thread-local); a CUDA-graph replay dispatches nothing, so
-count with graphs off.
+On CUDA, ``count_ops`` also turns on ``torch.cuda.set_sync_debug_mode("warn")`` and counts the synchronising CUDA
+calls it reports (``cuda_syncs``: host reads, explicit stream synchronisation, syncs inside linear algebra),
+which no dispatch mode sees. Only the calling thread is seen (dispatch modes are thread-local); a CUDA-graph
+replay dispatches nothing, so count with graphs off.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -101,10 +105,11 @@ class Counts:
     linalg_syncing: Counter = field(default_factory=Counter)
     host_reads: Counter = field(default_factory=Counter)
     cpu_side_reads: Counter = field(default_factory=Counter)
+    cuda_syncs: int | None = None          # CUDA runs only
 
     def as_dict(self) -> dict:
         return {"compute_ops": self.compute_ops, "linalg_calls": sum(self.linalg.values()),
-                "host_reads": sum(self.host_reads.values()), "views": self.views,
+                "host_reads": sum(self.host_reads.values()), "views": self.views, "cuda_syncs": self.cuda_syncs,
                 "linalg": dict(sorted(self.linalg.items())),
                 "linalg_syncing_on_cuda": dict(sorted(self.linalg_syncing.items())),
                 "host_read_ops": dict(sorted(self.host_reads.items())),
@@ -153,11 +158,29 @@ class _MethodCounter(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
+@contextmanager
+def _cuda_syncs(device: torch.device, counts: Counts) -> Iterator[None]:
+    if device.type != "cuda":
+        yield
+        return
+    previous = torch.cuda.get_sync_debug_mode()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.synchronize(device)
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            yield
+        finally:
+            torch.cuda.set_sync_debug_mode(previous)
+    counts.cuda_syncs = sum("synchroniz" in str(w.message) for w in caught)
+
+
 def count_ops(fn: Callable[[], object], device: torch.device | str = "cpu") -> tuple[object, Counts]:
     """Run ``fn()`` once, counting what it dispatches; ``device``: where the computation runs (cpu or a GPU)."""
     counts = Counts()
-    gpu_run = torch.device(device).type != "cpu"
-    with _MethodCounter(counts, gpu_run), _DispatchCounter(counts, gpu_run):
+    device = torch.device(device)
+    gpu_run = device.type != "cpu"
+    with _cuda_syncs(device, counts), _MethodCounter(counts, gpu_run), _DispatchCounter(counts, gpu_run):
         result = fn()
     return result, counts
 
@@ -174,7 +197,8 @@ def count_step(integrator, lr: float, device: torch.device | str | None = None) 
     return {**counts.as_dict(), "stepped": stepped}
 
 
-def _names(counter: dict) -> str:
+def names(counter: dict) -> str:
+    """``{'a': 2, 'b': 1}`` -> ``'a 2, b 1'`` (``'-'`` when empty)."""
     return ", ".join(f"{k} {v}" for k, v in counter.items()) or "-"
 
 
@@ -184,5 +208,5 @@ def format_counts(rows: list[tuple[str, dict]]) -> str:
              "|---|---:|---:|---:|---|---|"]
     for label, c in rows:
         lines.append(f"| {label} | {c['compute_ops']} | {c['linalg_calls']} | {c['host_reads']} | "
-                     f"{_names(c['linalg'])} | {_names(c['host_read_ops'])} |")
+                     f"{names(c['linalg'])} | {names(c['host_read_ops'])} |")
     return "\n".join(lines)

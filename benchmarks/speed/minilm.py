@@ -65,11 +65,17 @@ def backward(model: nn.Module, batch: dict[str, torch.Tensor]) -> None:
 
 def prepared_integrator(num_layers: int = 6, distinct_ranks: int = 8, core_optimizer: str = "adam",
                         warmup_steps: int = 0, lr: float = 1e-3, device: torch.device | str = "cpu",
-                        **integrator_kwargs) -> tuple[nn.Module, TDLRTIntegrator]:
-    """Model and integrator with gradients set, after ``warmup_steps`` full steps: ready for one counted step."""
+                        batch_size: int = 2, seq_len: int = 16, **integrator_kwargs
+                        ) -> tuple[nn.Module, TDLRTIntegrator]:
+    """Model and integrator with gradients set, after ``warmup_steps`` full steps: ready for one counted step.
+
+    The batch (``batch_size x seq_len`` random tokens) only produces the gradients. It needs at least
+    ``2 * max rank`` tokens (2 x 16 = 32 for ranks up to 8): with fewer, the projected gradients are rank-deficient,
+    today's engine sends those adapters to its per-adapter fallback, and the counts change.
+    """
     model = minilm_tdlrt(num_layers, distinct_ranks, device=device)
     integrator = TDLRTIntegrator(model, core_optimizer=core_optimizer, **integrator_kwargs)
-    batch = minilm_batch(device=device)
+    batch = minilm_batch(batch_size, seq_len, device=device)
     for _ in range(warmup_steps):
         backward(model, batch)
         integrator.step(lr)
@@ -80,3 +86,22 @@ def prepared_integrator(num_layers: int = 6, distinct_ranks: int = 8, core_optim
 
 def distinct_rank_count(model: nn.Module) -> int:
     return len({r for ranks in adapter_ranks(model).values() for r in ranks})
+
+
+def count_minilm_step(num_layers: int = 6, distinct_ranks: int = 8, core_optimizer: str = "adam",
+                      warmup_steps: int = 0, device: torch.device | str = "cpu", batch_size: int = 2,
+                      seq_len: int = 16, **integrator_kwargs) -> dict:
+    """``counts.count_step`` of one integrator step on ``minilm_tdlrt(num_layers, distinct_ranks)``, with the setup.
+
+    Adds ``num_layers, num_adapters, distinct_ranks`` (at the counted step's start), ``core_optimizer`` and
+    ``warmup_steps`` to the counts.
+    """
+    from .counts import count_step
+
+    model, integrator = prepared_integrator(num_layers, distinct_ranks, core_optimizer, warmup_steps,
+                                            device=device, batch_size=batch_size, seq_len=seq_len,
+                                            **integrator_kwargs)
+    setup = {"num_layers": num_layers, "num_adapters": len(integrator.storages()),
+             "distinct_ranks": distinct_rank_count(model), "core_optimizer": core_optimizer,
+             "warmup_steps": warmup_steps}
+    return {**setup, **count_step(integrator, 1e-3, device)}

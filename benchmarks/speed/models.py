@@ -78,10 +78,11 @@ def lora(model: nn.Module, targets, r: int, lr: float, task_type: str | None) ->
 
 
 def tdlrt(model: nn.Module, targets, r: int, r_min: int, r_max: int, tau: float, lr: float, task_type: str | None,
-          batched: bool = True) -> Method:
+          batched: bool = True, integrator_kwargs: dict | None = None) -> Method:
+    """TDLRT adapters; ``integrator_kwargs`` go to ``TDLRTIntegrator`` (e.g. ``{"cuda_graph": True}``)."""
     config = TuckerAdapterConfig(r=r, r_min=r_min, r_max=r_max, tau=tau, target_modules=targets, task_type=task_type,
                                  modules_to_save=None if task_type else ["classifier"])
     peft_model = get_peft_model(model, config)
-    integrator = TDLRTIntegrator(peft_model, batched=batched)
+    integrator = TDLRTIntegrator(peft_model, batched=batched, **(integrator_kwargs or {}))
     optimizer = torch.optim.AdamW(integrator.other_trainable_parameters(), lr=lr)
     return Method("tdlrt", peft_model, optimizer, integrator)

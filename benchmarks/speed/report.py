@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .counts import names
 from .training import PHASES
 
 MIB = 2**20
@@ -39,20 +40,33 @@ def training_table(result: dict, cpu_columns: bool) -> list[str]:
                     + blank)
     share = f" | {100 * result['integrator_share_cpu']:.2f} % | |" if cpu_columns else ""
     rows.append(f"| integrator share of the TDLRT step | | {100 * result['integrator_share']:.2f} % | |" + share)
+    counts = result["tdlrt"].get("integrator_counts")
+    if counts:
+        rows.append(f"| integrator step: compute ops / linalg calls / host reads | | {counts_cell(counts)} | |"
+                    + blank)
+        rows += ["", f"Integrator step by name: linear algebra {names(counts['linalg'])}; host reads "
+                 f"{names(counts['host_read_ops'])}" + (f"; CUDA syncs {counts['cuda_syncs']}"
+                                                        if counts.get("cuda_syncs") is not None else "")]
     return rows
+
+
+def counts_cell(counts: dict) -> str:
+    return f"{counts['compute_ops']} / {counts['linalg_calls']} / {counts['host_reads']}"
+
 
 
 def scaling_table(points: list[dict], key: str, cpu_columns: bool) -> list[str]:
     extra = " batched CPU | per-adapter CPU | speed-up |" if cpu_columns else ""
-    rows = [f"| {key} | batched (ms) | per-adapter (ms) | speed-up |" + extra,
-            "|---:|---:|---:|---:|" + ("---:|" * 3 * cpu_columns)]
+    rows = [f"| {key} | batched (ms) | per-adapter (ms) | speed-up |" + extra
+            + " batched: ops / linalg / host reads |",
+            "|---:|---:|---:|---:|" + ("---:|" * 3 * cpu_columns) + "---:|"]
     for p in points:
         row = (f"| {p[key]} | {p['batched_s'] * 1e3:.1f} | {p['per_adapter_s'] * 1e3:.1f} | "
                f"{p['per_adapter_s'] / p['batched_s']:.2f}x |")
         if cpu_columns:
             row += (f" {p['batched_cpu_s'] * 1e3:.1f} | {p['per_adapter_cpu_s'] * 1e3:.1f} | "
                     f"{p['per_adapter_cpu_s'] / p['batched_cpu_s']:.2f}x |")
-        rows.append(row)
+        rows.append(row + (f" {counts_cell(p['counts'])} |" if "counts" in p else " |"))
     return rows
 
 

@@ -19,6 +19,7 @@ from torch import nn
 from tdrlt_peft import TDLRTIntegrator, TuckerAdapterConfig
 from tdrlt_peft.layers.inventory import iter_storages
 
+from .counts import count_step
 from .measure import clock, profile_table
 
 BLOCK_LINEARS = {"query_proj": (768, 768), "key_proj": (768, 768), "value_proj": (768, 768), "dense": (768, 768),
@@ -53,7 +54,10 @@ def random_gradients(model: nn.Module, g: torch.Generator) -> list[tuple[nn.Para
 
 
 def time_integrator(num_adapters: int, rank: int, device: torch.device, warmup: int, steps: int) -> dict:
-    """Median seconds of one integrator step, batched and per-adapter (alternating), at ``lr = 1e-3`` with Adam."""
+    """Median seconds of one integrator step, batched and per-adapter (alternating), at ``lr = 1e-3`` with Adam.
+
+    Then one more batched step, counted (``counts``: compute ops, linear-algebra calls, host reads).
+    """
     model = adapter_stack(num_adapters, rank, device)
     grads = random_gradients(model, torch.Generator().manual_seed(0))
     integrators = {"batched": TDLRTIntegrator(model, batched=True),
@@ -71,7 +75,11 @@ def time_integrator(num_adapters: int, rank: int, device: torch.device, warmup: 
                 times[name].append(elapsed)
                 cpu_times[name].append(cpu_elapsed)
     ranks = {r for s in iter_storages(model) for r in s.ranks}
+    for p, grad in grads:
+        p.grad = grad
+    counts = count_step(integrators["batched"], 1e-3, device)          # one more (counted) batched step
     return {"num_adapters": num_adapters, "rank": rank, "ranks_after": sorted(ranks),
+            "counts": {k: v for k, v in counts.items() if k != "ops"},
             **{f"{name}_s": statistics.median(t) for name, t in times.items()},
             **{f"{name}_cpu_s": statistics.median(t) for name, t in cpu_times.items()}}
 

@@ -17,6 +17,7 @@ from torch import nn
 
 from tdrlt_peft import rank_statistics
 
+from .counts import count_step
 from .measure import clock, optimizer_tensors, profile_table, resident_bytes, step_peak_growth
 from .models import DEBERTA_TARGETS, Method, conv_names, deberta, lora, tdlrt, vgg
 
@@ -47,6 +48,29 @@ def deberta_workload(num_layers: int, batch_size: int, seq_len: int) -> Workload
                     f"{seq_len}")
 
 
+def minilm_workload(num_layers: int, batch_size: int, seq_len: int, pretrained: str | None = None) -> Workload:
+    """all-MiniLM-L6-v2 shape (BERT, hidden 384): random weights, or the model in folder ``pretrained``."""
+    from .minilm import MINILM_L6, MINILM_TARGETS, minilm
+
+    def build():
+        if pretrained is None:
+            return minilm(num_layers)
+        from transformers import AutoModelForSequenceClassification
+
+        torch.manual_seed(0)
+        return AutoModelForSequenceClassification.from_pretrained(pretrained, num_labels=2)
+
+    def make_batch(g):
+        ids = torch.randint(1, MINILM_L6["vocab_size"], (batch_size, seq_len), generator=g)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.randint(0, 2, (batch_size,),
+                                                                                                 generator=g)}
+    weights = f"pretrained weights from {pretrained}" if pretrained else "random weights"
+    return Workload("minilm", build, lambda m: MINILM_TARGETS, "SEQ_CLS", make_batch,
+                    lambda model, batch: model(**batch).loss,
+                    f"all-MiniLM-L6-v2 shape ({weights}), {num_layers} layers, {6 * num_layers} adapters, batch "
+                    f"{batch_size} x {seq_len}")
+
+
 def vgg_workload(batch_size: int) -> Workload:
     def make_batch(g):
         return {"images": torch.randn(batch_size, 3, 32, 32, generator=g),
@@ -63,7 +87,7 @@ def build_methods(workload: Workload, args, device: torch.device) -> list[Method
             methods.append(lora(model, workload.targets(model), args.r, args.lr, workload.task_type))
         else:
             methods.append(tdlrt(model, workload.targets(model), args.r, args.r_min, args.r_max, args.tau, args.lr,
-                                 workload.task_type))
+                                 workload.task_type, integrator_kwargs=getattr(args, "integrator_kwargs", None)))
         methods[-1].model.train()
     return methods
 
@@ -97,6 +121,15 @@ def peak_memory(method: Method, workload: Workload, batch: dict, lr: float, devi
     return {"resident": resident, "step_growth": growth, "peak": resident + growth}
 
 
+def integrator_counts(method: Method, workload: Workload, batch: dict, lr: float, device: torch.device) -> dict:
+    """One extra training step with its integrator step counted (``counts.count_step``; per-op detail dropped)."""
+    workload.loss(method.model, batch).backward()
+    counts = count_step(method.integrator, lr, device)
+    method.optimizer.step()
+    method.optimizer.zero_grad(set_to_none=True)
+    return {k: v for k, v in counts.items() if k != "ops"}
+
+
 def compare(workload: Workload, args, device: torch.device) -> dict:
     """Interleaved timing of LoRA and TDLRT on ``workload``; medians, ratios, memory and the ranks seen."""
     methods = build_methods(workload, args, device)
@@ -127,6 +160,8 @@ def compare(workload: Workload, args, device: torch.device) -> dict:
             path = args.output_dir / f"profile_{workload.name}_{m.name}_{device.type}.txt"
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(table)
+    if "cuda_graph" not in (getattr(args, "integrator_kwargs", None) or {}):     # a graph replay dispatches nothing
+        result["tdlrt"]["integrator_counts"] = integrator_counts(methods[1], workload, batches[-1], args.lr, device)
     lora_r, tdlrt_r = result["lora"], result["tdlrt"]
     result["ratio"] = {
         "total": tdlrt_r["median_s"]["total"] / lora_r["median_s"]["total"],

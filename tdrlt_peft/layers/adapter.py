@@ -17,13 +17,17 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import Tensor, nn
 
 from ..math.adam import AdamMoments
-from ..math.geometry import compute_dtype, random_orthonormal
-from ..math.step import RankBounds
+from ..math.engine import RankBounds
+from ..math.geometry import compute_dtype, in_manifold, orthonormalize, random_orthonormal
+from ..math.tucker import mode_dot
 from .functional import lowrank_linear
-from .storage import LowRankStorage, StepTracker, factor_moment_shape, factor_moment_views
+from .rank_mirror import refresh as refresh_widths
+from .scaling import AdapterScaling
+from .storage import LowRankStorage, factor_moment_shape, factor_moment_views
+from .tracker import StepTracker
 
 
-class TDLRTLayer(nn.Module, BaseTunerLayer):
+class TDLRTLayer(AdapterScaling, nn.Module, BaseTunerLayer):
     """Shared state of TDLRT adapter layers; subclasses define the factor tensors and the forward.
 
     Per adapter: the factor parameters named in ``factor_names`` (mode i's factor, None for an unfactorized
@@ -41,6 +45,10 @@ class TDLRTLayer(nn.Module, BaseTunerLayer):
     def __init__(self, base_layer: nn.Module, **kwargs) -> None:
         super().__init__()
         self.base_layer = base_layer
+        base = self.get_base_layer()
+        # PEFT's layers expose the base layer's sizes (convolutions: in_channels / out_channels, see conv.py)
+        self.in_features = getattr(base, "in_features", None)
+        self.out_features = getattr(base, "out_features", None)
         for name in self.adapter_layer_names:
             setattr(self, name, nn.ParameterDict({}))
         for name in ("tdlrt_rank", *self.moment_names, self.factor_moment_name):
@@ -72,13 +80,13 @@ class TDLRTLayer(nn.Module, BaseTunerLayer):
     def storage(self, adapter: str, name: str = "") -> LowRankStorage:
         moments = AdamMoments(*(getattr(self, n)[adapter] for n in self.moment_names))
         buffers = getattr(self, self.factor_moment_name)
-        moments.factors = factor_moment_views(buffers[adapter] if adapter in buffers else None,
-                                              self.mode_sizes(), self.factorized_modes())
+        k_buffer = buffers[adapter] if adapter in buffers else None
+        moments.factors = factor_moment_views(k_buffer, self.mode_sizes(), self.factorized_modes())
         return LowRankStorage(
             name=name, core=self.tdlrt_S[adapter],
             factors=[None if n is None else getattr(self, n)[adapter] for n in self.factor_names],
             ranks=self._ranks[adapter], rank_buffer=self.tdlrt_rank[adapter], bounds=self.tdlrt_bounds[adapter],
-            matrix=self.matrix, tracker=self._trackers[adapter], moments=moments)
+            matrix=self.matrix, tracker=self._trackers[adapter], moments=moments, k_buffer=k_buffer)
 
     def tdlrt_storages(self, module_name: str, adapter_name: str | None = None) -> list[LowRankStorage]:
         names = [adapter_name] if adapter_name is not None else self.active_adapters
@@ -87,9 +95,16 @@ class TDLRTLayer(nn.Module, BaseTunerLayer):
     def update_layer(self, adapter_name: str, r: int, r_min: int, r_max: int, tau: float, scale: float,
                      dropout: float = 0.0, absolute_tau: bool = False, init_weights: bool = True,
                      inference_mode: bool = False, **kwargs: Any) -> None:
-        """Create adapter ``adapter_name``: orthonormal random factors at rank ``r``, zero core (ΔW = 0)."""
+        """Create adapter ``adapter_name``: orthonormal random factors at rank ``r``, zero core (ΔW = 0).
+
+        Every adapter tensor is stored in the base weight's dtype (float32 for any other base dtype), as PEFT's
+        methods do; ``get_peft_model(..., autocast_adapter_dtype=True)`` (PEFT's default) then upcasts float16 /
+        bfloat16 adapters to float32 (``TDLRTModel._cast_adapter_dtype``). The bases are drawn in float32 / float64
+        and rounded to the storage dtype.
+        """
         base = self.get_base_layer()
-        dtype = compute_dtype(base.weight.dtype)   # bases built in float32 / float64, never in half precision
+        dtype = storage_dtype(base.weight.dtype)
+        work = compute_dtype(dtype)   # orthonormal bases are built in float32 / float64, never in half precision
         device = base.weight.device
         sizes = self.mode_sizes()
         factored = self.factorized_modes()
@@ -102,7 +117,7 @@ class TDLRTLayer(nn.Module, BaseTunerLayer):
             if name is None:
                 continue
             U = torch.zeros(n, width, dtype=dtype, device=device)
-            U[:, :rank] = random_orthonormal(n, rank, dtype=dtype, device=device)
+            U[:, :rank] = random_orthonormal(n, rank, dtype=work, device=device).to(dtype)
             getattr(self, name)[adapter_name] = nn.Parameter(U)
         self.tdlrt_S[adapter_name] = nn.Parameter(torch.zeros(widths, dtype=dtype, device=device))
         self.tdlrt_rank[adapter_name] = torch.tensor(ranks, dtype=torch.int64, device=device)
@@ -116,6 +131,36 @@ class TDLRTLayer(nn.Module, BaseTunerLayer):
         self.tdlrt_bounds[adapter_name] = RankBounds(tau=tau, r_min=r_min, r_max=r_max, absolute=absolute_tau)
         self.tdlrt_dropout[adapter_name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+
+    @torch.no_grad()
+    def restore_orthonormality(self, adapter: str) -> list[int]:
+        """Re-orthonormalise the active bases of ``adapter`` that fail ``in_manifold`` at their own dtype, with
+        ΔW unchanged (``U = Q R``, the core takes ``R``); returns the repaired modes.
+
+        PEFT's float32 upcast of half-precision factors leaves bases that are orthonormal only to half precision
+        (max |U^T U - I| ~ 1e-3 against float32's tolerance ~ 1e-6); this restores float32 accuracy. Adam moments
+        are left as they are (R = I + O(eps of the old dtype)). A no-op on the meta device.
+        """
+        s = self.storage(adapter)
+        if s.core.device.type == "meta":
+            return []
+        work = compute_dtype(s.core.dtype)
+        ranks = s.rank_buffer.tolist()                    # exact ranks (a host read; this runs at set-up)
+        core = s.core[tuple(slice(0, r) for r in ranks)].to(work, copy=True)
+        factors = [None if U is None else U[:, :r] for U, r in zip(s.factors, ranks)]
+        new_factors: list[Tensor | None] = []
+        repaired: list[int] = []
+        for i, U in enumerate(factors):
+            if U is None or in_manifold(U):
+                new_factors.append(None if U is None else U.to(work, copy=True))
+                continue
+            Q, R = orthonormalize(U.to(work))
+            new_factors.append(Q)
+            core = mode_dot(core, R, i)
+            repaired.append(i)
+        if repaired:
+            s.write(core, new_factors, None)
+        return repaired
 
     # ----------------------------------------------------------------- PEFT API
     def get_delta_weight(self, adapter: str) -> Tensor:
@@ -148,6 +193,7 @@ class TDLRTLayer(nn.Module, BaseTunerLayer):
                 self.get_base_layer().weight.data -= self.get_delta_weight(adapter)
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        refresh_widths()                                   # exact slicing widths once the step's copy landed
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
@@ -186,6 +232,15 @@ class Linear(TDLRTLayer):
                               self.tdlrt_scale[adapter], self._trackers[adapter])
 
 
+STORAGE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def storage_dtype(weight_dtype: torch.dtype) -> torch.dtype:
+    """The adapters' dtype for a base weight of ``weight_dtype``: the same, or float32 for any other dtype
+    (e.g. float8 or an integer quantized weight)."""
+    return weight_dtype if weight_dtype in STORAGE_DTYPES else torch.float32
+
+
 # --------------------------------------------------------------------- compact state dicts
 def _sliced_entries(layer: TDLRTLayer, adapter: str, ranks: list[int]) -> dict[str, tuple[slice, ...]]:
     """Attribute name -> the index of the active slice (core-shaped tensors and factors)."""
@@ -201,7 +256,8 @@ def _sliced_entries(layer: TDLRTLayer, adapter: str, ranks: list[int]) -> dict[s
 
 def _compact_state_dict(layer: TDLRTLayer, state_dict: dict, prefix: str, local_metadata) -> None:
     """State-dict hook: keep only the active slices (saved adapters are compact)."""
-    for adapter, ranks in layer._ranks.items():
+    for adapter in layer._ranks:
+        ranks = layer.tdlrt_rank[adapter].tolist()        # exact ranks (the host widths may be a bound)
         for name, index in _sliced_entries(layer, adapter, ranks).items():
             key = f"{prefix}{name}.{adapter}"
             value = state_dict.get(key)

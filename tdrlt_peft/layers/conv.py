@@ -34,6 +34,7 @@ class Conv(TDLRTLayer):
         super().__init__(base_layer)
         base = self.get_base_layer()
         check_groups(base, module_name)
+        self.in_features, self.out_features = base.in_channels, base.out_channels   # PEFT's convention
         spatial_dims = base.weight.dim() - 2
         spatial = SPATIAL_FACTOR_NAMES[:spatial_dims] if factorize_spatial else (None,) * spatial_dims
         # per instance: whether the spatial modes are factorized is a property of the layer
@@ -61,8 +62,8 @@ class Conv(TDLRTLayer):
         x = self.tdlrt_dropout[adapter](x).to(core.dtype)
         x, geometry = self.conv_spec.prepare(x)
         factors = [None if n is None else getattr(self, n)[adapter] for n in self.factor_names]
-        return tucker_conv(x, core, factors, self._ranks[adapter], geometry, self.tdlrt_scale[adapter],
-                           self._trackers[adapter])
+        return tucker_conv(x, core, factors, self._ranks[adapter], self.tdlrt_rank[adapter], geometry,
+                           self.tdlrt_scale[adapter], self._trackers[adapter])
 
 
 class Conv1d(Conv):

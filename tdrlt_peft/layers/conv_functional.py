@@ -1,7 +1,7 @@
 """Low-rank convolutions with the TDLRT backward: a Tucker kernel and a matrix (reshaped) kernel.
 
 Tucker kernel ``W = C x_1 U_1 x_2 U_2 [x_3 U_3 ...]`` of shape ``(out, in, *k)`` (spatial factors optional).
-With ``Mat_i(C)^T = Q_i R_i`` (``step.unfolding_bases``) and ``K_i = U_i R_i^T``, the forward is
+With ``Mat_i(C)^T = Q_i R_i`` (``engine.row_space_bases``) and ``K_i = U_i R_i^T``, the forward is
 
     z = U_2^T x                      1x1 conv        (B, r_2, *S)
     a = conv(z, Q_1 kernel)          core-sized conv (B, q_1, *S')   Q_1 kernel = Ten_1(Q_1^T) x_{j>2} U_j
@@ -32,11 +32,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..math.engine import row_space_bases
 from ..math.geometry import compute_dtype
-from ..math.step import unfolding_bases
 from ..math.threads import single_threaded_linalg
 from ..math.tucker import fold, multi_mode_dot, unfold
-from .storage import StepTracker
+from .tracker import StepTracker
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CONV_WEIGHT = {1: torch.nn.grad.conv1d_weight, 2: torch.nn.grad.conv2d_weight, 3: torch.nn.grad.conv3d_weight}
@@ -126,15 +126,17 @@ def channel_gram(A: Tensor, B: Tensor) -> Tensor:
     return torch.tensordot(A, B, dims=(other, other))
 
 
-def core_unfolding_bases(core: Tensor, factored: list[bool]) -> tuple[list[Tensor | None], list[Tensor | None]]:
-    """``Q_i`` and ``R_i`` of ``Mat_i(C)^T = Q_i R_i`` for the factorized modes, computed as the integrator
-    computes its ``Q_i`` (same QR, same dtype, one thread; the batched step's stacked QR gives the same bits): the
-    K-gradients must use the very ``Q_i`` of the step, since ``Q_i`` is arbitrary where ``Mat_i(C)`` is
-    rank-deficient. One thread also because multi-threaded LAPACK is ~1000x slower on such tiny QRs."""
+def core_unfolding_bases(core: Tensor, rank: Tensor, factored: list[bool]
+                         ) -> tuple[list[Tensor | None], list[Tensor | None]]:
+    """``Q_i`` and ``R_i`` of ``Mat_i(C)^T = Q_i R_i`` for the factorized modes of ``core`` (sliced to the forward's
+    widths, zero past the ranks ``rank`` (d,), a device tensor), computed as the integrator computes its ``Q_i``
+    (``engine.row_space_bases``: same QR, same dtype, one thread): the K-gradients must use the very ``Q_i`` of
+    the step, since ``Q_i`` is arbitrary where ``Mat_i(C)`` is rank-deficient. One thread also because
+    multi-threaded LAPACK is ~1000x slower on such tiny QRs."""
     dtype = compute_dtype(core.dtype)
     with torch.no_grad(), single_threaded_linalg(core.device):
         work = core.detach().to(dtype)
-        qs = unfolding_bases(work, factored, matrix=False)
+        qs = [None if Q is None else Q[0] for Q in row_space_bases(work[None], rank[None], factored, matrix=False)]
         # R_i = Q_i^T Mat_i(C)^T   (q_i, r_i)
         rs = [None if Q is None else Q.T @ unfold(work, i).T for i, Q in enumerate(qs)]
     return [None if Q is None else Q.to(core.dtype) for Q in qs], [None if R is None else R.to(core.dtype) for R in rs]
@@ -154,12 +156,12 @@ def _grad_at_storage(storage: Tensor, grad: Tensor) -> Tensor:
 
 class TuckerConvFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, core: Tensor, ranks: list[int], geometry: ConvGeometry, scale: float,
+    def forward(ctx, x: Tensor, core: Tensor, ranks: list[int], rank: Tensor, geometry: ConvGeometry, scale: float,
                 tracker: StepTracker | None, *factors: Tensor | None) -> Tensor:
         # x: (B, in, *S); core: (R_1, ..., R_d) storage; factors[i]: (n_i, R_i) or None (spatial, unfactorized)
         C, U = _slices(core, list(factors), ranks)
         spatial = [None, None, *U[2:]]
-        qs, rs = core_unfolding_bases(C, [f is not None for f in factors])
+        qs, rs = core_unfolding_bases(C, rank, [f is not None for f in factors])
         q1_kernel = multi_mode_dot(fold(qs[0].T, 0, [qs[0].shape[1], *ranks[1:]]), spatial)   # (q_1, r_2, *k)
         z = channel_mix(x, U[1].T)                        # (B, r_2, *S)
         a = geometry.conv(z, q1_kernel)                   # (B, q_1, *S')
@@ -199,13 +201,14 @@ class TuckerConvFunction(torch.autograd.Function):
         factor_grads = [None if f is None else _grad_at_storage(f, g) for f, g in zip(factors, grads)]
         if ctx.tracker is not None:
             ctx.tracker.after_backward(factors[0])
-        return dx, _grad_at_storage(core, G_C), None, None, None, None, *factor_grads
+        return dx, _grad_at_storage(core, G_C), None, None, None, None, None, *factor_grads
 
 
-def tucker_conv(x: Tensor, core: Tensor, factors: list[Tensor | None], ranks: list[int], geometry: ConvGeometry,
-                scale: float = 1.0, tracker: StepTracker | None = None) -> Tensor:
-    """``s * conv(x, C x_1 U_1 ... x_d U_d)`` on the active slices, with the TDLRT backward (module docstring)."""
-    return TuckerConvFunction.apply(x, core, list(ranks), geometry, scale, tracker, *factors)
+def tucker_conv(x: Tensor, core: Tensor, factors: list[Tensor | None], ranks: list[int], rank: Tensor,
+                geometry: ConvGeometry, scale: float = 1.0, tracker: StepTracker | None = None) -> Tensor:
+    """``s * conv(x, C x_1 U_1 ... x_d U_d)`` on slices of widths ``ranks`` (at least the ranks ``rank``, a device
+    tensor; entries past it are zero), with the TDLRT backward (module docstring)."""
+    return TuckerConvFunction.apply(x, core, list(ranks), rank, geometry, scale, tracker, *factors)
 
 
 def tucker_conv_autograd(x: Tensor, core: Tensor, factors: list[Tensor | None], geometry: ConvGeometry) -> Tensor:

@@ -25,8 +25,8 @@ import torch
 from torch import Tensor, nn
 
 from ..math.adam import AdamMoments
+from ..math.engine import RankBounds
 from ..math.geometry import compute_dtype, random_orthonormal, truncation_rank
-from ..math.step import RankBounds
 from ..math.tucker import project_to_core, tucker_to_tensor, unfold
 from .conv_functional import (
     ConvSpec,
@@ -37,7 +37,9 @@ from .conv_functional import (
     tucker_conv_autograd,
 )
 from .functional import lowrank_linear
-from .storage import LowRankStorage, StepTracker, factor_moment_shape, factor_moment_views
+from .rank_mirror import refresh as refresh_widths
+from .storage import LowRankStorage, factor_moment_shape, factor_moment_views
+from .tracker import StepTracker
 
 Init = Literal["random", "weights"]
 TrainWith = Literal["integrator", "optimizer"]
@@ -96,7 +98,7 @@ class FactorizedLayer(nn.Module):
                               factor_moment_views(self.adam_K, self._sizes, self._factored))
         return LowRankStorage(
             name=name, core=self.core, factors=self.factor_list(), ranks=self._ranks, rank_buffer=self.rank,
-            bounds=self.bounds, matrix=self.matrix, tracker=self._tracker, moments=moments)
+            bounds=self.bounds, matrix=self.matrix, tracker=self._tracker, moments=moments, k_buffer=self.adam_K)
 
     def tdlrt_storages(self, module_name: str, adapter_name: str | None = None) -> list[LowRankStorage]:
         """The integrator's view; empty for fixed-rank layers trained by an ordinary optimizer."""
@@ -110,6 +112,7 @@ class FactorizedLayer(nn.Module):
         return self.storage().active()
 
     def check_step(self) -> None:
+        refresh_widths()                                   # exact slicing widths once the step's copy landed
         if self.train_with == "integrator" and self.training and torch.is_grad_enabled():
             self._tracker.check(next(U for U in self.factor_list() if U is not None), type(self).__name__)
 
@@ -163,7 +166,7 @@ class FactorizedConv(FactorizedLayer):
             else:
                 y = matrix_conv_autograd(x, U, self.core, V, k, geometry)
         elif self.train_with == "integrator":
-            y = tucker_conv(x, self.core, factors, self._ranks, geometry, 1.0, self._tracker)
+            y = tucker_conv(x, self.core, factors, self._ranks, self.rank, geometry, 1.0, self._tracker)
         else:
             y = tucker_conv_autograd(x, self.core, factors, geometry)
         if self.bias is not None:

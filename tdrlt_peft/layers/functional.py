@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .storage import StepTracker
+from .tracker import StepTracker
 
 
 class LowRankLinearFunction(torch.autograd.Function):

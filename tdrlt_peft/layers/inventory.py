@@ -19,7 +19,7 @@ def iter_storages(model: nn.Module, adapter_name: str | None = None) -> Iterator
 
 def adapter_ranks(model: nn.Module, adapter_name: str | None = None) -> dict[str, tuple[int, ...]]:
     """Module name -> current rank per adaptive mode (matrix adapters: ``(r, r)``)."""
-    return {s.name: tuple(r for U, r in zip(s.factors, s.ranks) if U is not None)
+    return {s.name: tuple(r for U, r in zip(s.factors, s.host_ranks()) if U is not None)
             for s in iter_storages(model, adapter_name)}
 
 

@@ -1,4 +1,4 @@
-"""Fixed-size storage of one low-rank (Tucker) adapter, and the tracker that catches a missing integrator step.
+"""Fixed-size storage of one low-rank (Tucker) adapter (the tracker of a missing integrator step: ``tracker.py``).
 
 Factors are stored at their maximal width ``R_i = min(r_max, n_i)`` and the core at ``(R_1, ..., R_d)``; the
 active rank ``r_i`` selects the leading slices and every entry past it is zero. Parameter shapes therefore
@@ -13,43 +13,9 @@ import torch
 from torch import Tensor, nn
 
 from ..math.adam import AdamMoments
-from ..math.step import RankBounds
-
-
-class IntegratorNotRunError(RuntimeError):
-    """The adapter factors were trained without the TDLRT integrator step."""
-
-
-MISSING_STEP_MESSAGE = (
-    "The TDLRT adapter factors of {where} were changed or their gradients were cleared without the TDLRT "
-    "integrator step. Their .grad holds the geometry-aware K/L/core gradients, which an ordinary optimizer "
-    "must not apply. With the Trainer add `callbacks=[TDLRTCallback()]`; in a plain PyTorch loop call "
-    "`TDLRTIntegrator(model).step(lr)` after backward and keep the adapter factors out of your optimizer."
-)
-
-
-@dataclass
-class StepTracker:
-    """Set by the custom backward, cleared by the integrator.
-
-    A forward in training finds ``pending`` with the gradient gone (zero_grad) or the factor changed
-    (an optimizer step) since that backward: the factors were trained without the integrator.
-    """
-
-    pending: bool = False
-    version: int = -1
-
-    def after_backward(self, factor: Tensor) -> None:
-        self.pending = True
-        self.version = factor._version
-
-    def after_step(self) -> None:
-        self.pending = False
-
-    def check(self, factor: Tensor, where: str) -> None:
-        if self.pending and (factor.grad is None or factor._version != self.version):
-            self.pending = False
-            raise IntegratorNotRunError(MISSING_STEP_MESSAGE.format(where=where))
+from ..math.engine import RankBounds
+from .rank_mirror import refresh
+from .tracker import StepTracker
 
 
 @dataclass
@@ -71,10 +37,12 @@ class LowRankStorage:
     matrix: bool
     tracker: StepTracker
     moments: AdamMoments | None = None
+    k_buffer: Tensor | None = None     # the K-gradient moments' buffer (4, sum_i n_i, R) behind moments.factors
     extra: dict = field(default_factory=dict)
 
     def active(self) -> tuple[Tensor, list[Tensor | None]]:
-        """Active slices ``(core[:r_1, ..., :r_d], [U_i[:, :r_i]])``."""
+        """Active slices ``(core[:r_1, ..., :r_d], [U_i[:, :r_i]])`` (of the host widths, see ``rank_mirror.py``)."""
+        refresh()
         core = self.core[tuple(slice(0, r) for r in self.ranks)]
         factors = [None if U is None else U[:, :r] for U, r in zip(self.factors, self.ranks)]
         return core, factors
@@ -86,14 +54,19 @@ class LowRankStorage:
         return [self.core, *(U for U in self.factors if U is not None)]
 
     def num_active_parameters(self) -> int:
-        """``sum_i n_i r_i + prod_i r_i`` over factorized modes (matrix: ``(out + in) r + r^2``)."""
+        """``sum_i n_i r_i + prod_i r_i`` over factorized modes (matrix: ``(out + in) r + r^2``), a host read."""
         count = 1
-        for r in self.ranks:
+        ranks = self.host_ranks()
+        for r in ranks:
             count *= r
-        for U, r in zip(self.factors, self.ranks):
+        for U, r in zip(self.factors, ranks):
             if U is not None:
                 count += U.shape[0] * r
         return count
+
+    def host_ranks(self) -> list[int]:
+        """The exact ranks, read from the device (a host read: for logging, saving and counting, not the step)."""
+        return self.rank_buffer.tolist()
 
     def active_moments(self, dtype: torch.dtype) -> AdamMoments | None:
         """Active slices of the Adam state in ``dtype``: core moments and (if kept) K-gradient moments."""

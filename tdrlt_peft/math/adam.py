@@ -88,15 +88,18 @@ def zeros_like_moments(core: Tensor) -> AdamMoments:
     return AdamMoments(*(torch.zeros_like(core) for _ in range(4)))
 
 
-def transport_columns(state: AdamMoments, T: Tensor) -> AdamMoments:
+def transport_columns(state: AdamMoments, T: Tensor, active: Tensor | None = None) -> AdamMoments:
     """Moments of a K-gradient ``(n, m)`` in new column coordinates ``(n, m')``: ``T`` (m, m') maps old to new.
 
     ``m <- m T``; ``v, wm, wv <- (.) (T * T)``; a column's missing weight ``1 - sum_j T_jk^2`` (directions it did
-    not have before) is filled with the row's mean ``v`` and ``wv`` (``adam.pad_moments``'s rule, per ambient row).
-    Works on a leading batch dimension too.
+    not have before) is filled with the row's mean ``v`` and ``wv`` over the ``active`` old columns (a bool mask
+    broadcasting against the columns; default all), ``adam.pad_moments``'s rule per ambient row. Works on a leading
+    batch dimension too.
     """
     T2 = T * T
     missing = (1.0 - T2.sum(-2, keepdim=True)).clamp_min(0.0)               # (..., 1, m')
-    v_mean = state.v.mean(-1, keepdim=True) if state.v.shape[-1] else torch.zeros_like(state.v[..., :1])
-    wv_mean = state.wv.mean(-1, keepdim=True) if state.wv.shape[-1] else torch.zeros_like(state.wv[..., :1])
+    weight = torch.ones_like(state.v[..., :1, :]) if active is None else active.to(state.v.dtype)
+    count = weight.sum(-1, keepdim=True).clamp_min(1.0)
+    v_mean = (state.v * weight).sum(-1, keepdim=True) / count
+    wv_mean = (state.wv * weight).sum(-1, keepdim=True) / count
     return AdamMoments(state.m @ T, state.v @ T2 + missing * v_mean, state.wm @ T2, state.wv @ T2 + missing * wv_mean)

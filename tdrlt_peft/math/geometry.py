@@ -10,8 +10,6 @@ import math
 import torch
 from torch import Tensor
 
-# Directions of a projected gradient smaller than this many eps(dtype) * ||G|| are round-off, not gradient.
-DROP_FACTOR = 100.0
 # Singular values below this many eps(dtype) * sigma_1 count as zero in the rank decision (tau = 0 keeps
 # the exact rank, not round-off).
 ZERO_SV_FACTOR = 100.0
@@ -54,52 +52,48 @@ def orthonormality_tolerance(U: Tensor) -> float:
 
 
 def augment_basis(U: Tensor, G: Tensor, max_new: int) -> Tensor:
-    """Orthonormal basis ``Ũ`` of ``range((I - U U^T) G)`` with at most ``max_new`` columns.
+    """Orthonormal basis ``Ũ`` of ``range((I - U U^T) G)`` with at most ``max_new`` columns (one matrix; the step
+    engine does the same for a batch, ``orth.complement_basis``).
 
-    ``U``: ``(n, r)`` orthonormal; ``G``: ``(n, m)``. Returns ``Ũ`` ``(n, k)`` with ``Ũ^T U = 0`` and
-    ``Ũ^T Ũ = I``. Directions the gradient does not have (singular values of the projected gradient below
-    DROP_FACTOR * eps * ||G||_F) are dropped: a QR of a rank-deficient matrix would return columns that are
-    not orthogonal to ``U``, so the basis comes from the SVD's left singular vectors instead.
+    ``U``: ``(n, r)`` orthonormal; ``G``: ``(n, m)``. Returns ``Ũ`` ``(n, k)`` with ``Ũ^T U = 0`` and ``Ũ^T Ũ = I``.
+    Directions the gradient does not have (singular values of the projected gradient below
+    ``orth.GRAM_DROP * sqrt(eps) * ||G||_F``) are dropped, so a rank-deficient ``G`` gives fewer columns.
     """
+    from .orth import complement_basis, complement_gram, eigh_descending
+
     n = U.shape[0]
     max_new = min(max_new, n - U.shape[1])
-    if max_new <= 0:
+    if max_new <= 0 or G.shape[1] == 0:
         return U.new_zeros(n, 0)
-    # Z = (I - UU^T) G, projected twice for float32 stability
-    Z = G - U @ (U.T @ G)
-    Z = Z - U @ (U.T @ Z)
-    left, sigma, _ = torch.linalg.svd(Z, full_matrices=False)
-    threshold = DROP_FACTOR * eps(G.dtype) * torch.linalg.norm(G)
-    k = min(int((sigma > threshold).sum()), max_new)
-    new = left[:, :k]
-    # one more projection + QR removes the round-off component along range(U)
-    new = new - U @ (U.T @ new)
-    new, _ = torch.linalg.qr(new)
-    return new
+    Z, gram, threshold = complement_gram(U[None], G[None], eps(G.dtype))
+    values, vectors = eigh_descending([gram])[0]
+    new, count = complement_basis(U[None], Z, values, vectors, threshold, torch.tensor([max_new], device=G.device))
+    return new[0, :, : int(count[0])]
+
+
+def truncation_ranks(values: Tensor, tau: Tensor, r_min: Tensor, cap: Tensor, absolute: Tensor) -> Tensor:
+    """Smallest ``k`` with ``sum_{j >= k} σ_j^2 <= (τ ||σ||)^2`` (``<= τ^2`` if absolute), from ``values = σ^2``
+    ``(B, m)`` (descending, up to round-off), one rank per row and no host read. ``σ_j <= ZERO_SV_FACTOR eps σ_1``
+    counts as zero, so τ = 0 keeps the exact rank, not round-off.
+    Clamped to ``[r_min, cap]`` and at least 1; an all-zero row gives ``r_min`` (clamped the same way)."""
+    values = values.clamp_min(0.0)
+    cutoff = (ZERO_SV_FACTOR * eps(values.dtype)) ** 2 * values.amax(-1, keepdim=True)
+    values = torch.where(values > cutoff, values, 0.0)
+    tail = values.flip(-1).cumsum(-1).flip(-1)                              # tail[j] = sum_{l >= j} σ_l^2
+    threshold = torch.where(absolute, tau * tau, tau * tau * tail[:, 0])
+    k = (tail > threshold[:, None]).sum(-1)
+    return torch.maximum(torch.minimum(torch.maximum(k, r_min), cap), torch.ones_like(k))
 
 
 def truncation_rank(sigma: Tensor, tau: float, r_min: int, r_max: int, absolute: bool = False) -> int:
-    """Smallest ``k`` with ``sqrt(sum_{j>k} sigma_j^2) <= tau * ||sigma||_2`` (``<= tau`` if ``absolute``).
-
-    ``sigma``: singular values in descending order. Values ``<= ZERO_SV_FACTOR * eps * sigma_1`` count as
-    zero. The result is clamped to ``[r_min, min(r_max, len(sigma))]``; an all-zero ``sigma`` gives
-    ``r_min`` (clamped the same way).
-    """
-    upper = min(r_max, sigma.numel())
-    values = sigma.tolist()
-    if not values or values[0] <= 0.0:
-        return max(1, min(r_min, upper))
-    cutoff = ZERO_SV_FACTOR * eps(sigma.dtype) * values[0]
-    squares = [v * v if v > cutoff else 0.0 for v in values]
-    total = sum(squares)
-    threshold = tau if absolute else tau * math.sqrt(total)
-    # tail[k] = sqrt(sum_{j >= k} sigma_j^2), scanning from the end
-    tail = 0.0
-    k = len(squares)
-    while k > 0 and math.sqrt(tail + squares[k - 1]) <= threshold:
-        tail += squares[k - 1]
-        k -= 1
-    return max(min(max(k, r_min), upper), 1)
+    """:func:`truncation_ranks` of one descending vector of singular values ``sigma`` (a host read), with the cap
+    ``min(r_max, len(sigma))``."""
+    values = (sigma.to(compute_dtype(sigma.dtype)) ** 2)[None]
+    device = sigma.device
+    k = truncation_ranks(values, torch.tensor([tau], dtype=values.dtype, device=device),
+                         torch.tensor([r_min], device=device), torch.tensor([min(r_max, sigma.numel())], device=device),
+                         torch.tensor([absolute], device=device))
+    return int(k[0])
 
 
 def orthonormalize(U: Tensor) -> tuple[Tensor, Tensor]:

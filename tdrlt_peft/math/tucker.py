@@ -13,16 +13,32 @@ import torch
 from torch import Tensor
 
 
+def batch_unfold(tensor: Tensor, mode: int) -> Tensor:
+    """``Mat_i`` of every tensor of a batch: ``(B, n_1, ..., n_d) -> (B, n_i, prod_{j != i} n_j)``."""
+    return torch.movedim(tensor, mode + 1, 1).reshape(tensor.shape[0], tensor.shape[mode + 1], -1)
+
+
+def batch_fold(matrix: Tensor, mode: int, shape: Sequence[int]) -> Tensor:
+    """Exact inverse of :func:`batch_unfold`; ``shape`` is one tensor's shape ``(n_1, ..., n_d)``."""
+    moved = [shape[mode], *[s for j, s in enumerate(shape) if j != mode]]
+    return torch.movedim(matrix.reshape(matrix.shape[0], *moved), 1, mode + 1)
+
+
+def batch_mode_dot(tensor: Tensor, matrix: Tensor, mode: int) -> Tensor:
+    """``T_b x_i M_b`` for every b: ``tensor`` (B, n_1, ..., n_d), ``matrix`` (B, m, n_i) -> (B, ..., m, ...)."""
+    shape = list(tensor.shape[1:])
+    shape[mode] = matrix.shape[-2]
+    return batch_fold(matrix @ batch_unfold(tensor, mode), mode, shape)
+
+
 def unfold(tensor: Tensor, mode: int) -> Tensor:
     """Mode-``mode`` unfolding ``Mat_i(T)``: mode ``i`` to rows, the other modes (in order) to columns."""
-    # (n_i, prod_{j != i} n_j)
-    return torch.movedim(tensor, mode, 0).reshape(tensor.shape[mode], -1)
+    return batch_unfold(tensor[None], mode)[0]                             # (n_i, prod_{j != i} n_j)
 
 
 def fold(matrix: Tensor, mode: int, shape: Sequence[int]) -> Tensor:
     """Exact inverse of :func:`unfold`: ``fold(unfold(T, i), i, T.shape) == T``."""
-    moved = [shape[mode], *[s for j, s in enumerate(shape) if j != mode]]
-    return torch.movedim(matrix.reshape(moved), 0, mode)
+    return batch_fold(matrix[None], mode, shape)[0]
 
 
 def mode_dot(tensor: Tensor, matrix: Tensor | None, mode: int) -> Tensor:

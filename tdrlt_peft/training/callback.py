@@ -13,9 +13,10 @@ import sys
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from ..layers import rank_mirror
 from ..layers.inventory import adapter_ranks, iter_storages, rank_statistics
 from .checkpoint import mark_complete
-from .integrator import TDLRTIntegrator, _all_finite
+from .integrator import TDLRTIntegrator
 
 
 class TDLRTCallback(TrainerCallback):
@@ -23,12 +24,14 @@ class TDLRTCallback(TrainerCallback):
 
     Args:
         lr_factor: multiplies the learning rate of the step (on top of the config's ``core_lr_factor``).
+        cuda_graph: capture the integrator step in a CUDA graph (``cuda_graph.py``: one CUDA device, one process).
         log_ranks: add ``tdlrt/mean_rank``, ``tdlrt/min_rank``, ``tdlrt/max_rank`` and ``tdlrt/active_params``
             to every Trainer log (console, TensorBoard, W&B, ``state.log_history``).
     """
 
-    def __init__(self, lr_factor: float = 1.0, log_ranks: bool = True):
+    def __init__(self, lr_factor: float = 1.0, log_ranks: bool = True, cuda_graph: bool = False):
         self.lr_factor = lr_factor
+        self.cuda_graph = cuda_graph
         self.log_ranks = log_ranks
         self.integrator: TDLRTIntegrator | None = None
 
@@ -46,18 +49,16 @@ class TDLRTCallback(TrainerCallback):
             model, core_optimizer=getattr(config, "core_optimizer", "adam"),
             betas=tuple(getattr(config, "adam_betas", (0.9, 0.999))), eps=getattr(config, "adam_eps", 1e-8),
             weight_decay=getattr(config, "core_weight_decay", 0.0),
-            lr_factor=getattr(config, "core_lr_factor", 1.0) * self.lr_factor)
+            lr_factor=getattr(config, "core_lr_factor", 1.0) * self.lr_factor, cuda_graph=self.cuda_graph)
         _move_to_front(self)
 
     def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
         if self.integrator is None:
             raise RuntimeError("TDLRTCallback: on_train_begin was not called; pass the callback to the Trainer.")
         _unscale_fp16(optimizer)
-        if not _gradients_finite(optimizer):
-            # an fp16 GradScaler skips this optimizer step (inf/NaN in any unscaled gradient): skip the adapters too
-            self.integrator.skip_step("non-finite gradients")
-            return
-        self.integrator.step(optimizer.param_groups[0]["lr"])
+        # an fp16 GradScaler skips this optimizer step (inf/NaN in any unscaled gradient): the adapters skip too,
+        # decided on the device
+        self.integrator.step(optimizer.param_groups[0]["lr"], also_check=_other_gradients(optimizer))
 
     def on_save(self, args, state, control, model=None, **kwargs):
         # the Trainer has written every file of checkpoint-N: mark it complete (see checkpoint.py)
@@ -66,8 +67,10 @@ class TDLRTCallback(TrainerCallback):
                  } if model is not None else {}
         mark_complete(folder, state.global_step, is_main_process=args.should_save, ranks=ranks)
 
-    def on_step_end(self, args, state, control, model=None, **kwargs):
-        # keep the live config's rank_pattern current so every checkpoint records the ranks
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        rank_mirror.refresh()                 # a skip the host has not seen yet is said now
+        # the live config's rank_pattern follows the ranks at the end (checkpoints record them on saving, see
+        # peft_patches.py and TDLRTModel._get_adapter_state_dict); not every step: reading ranks is a host read
         update = getattr(getattr(model, "base_model", None), "update_rank_pattern", None)
         if callable(update):
             for name in getattr(model, "peft_config", {}):
@@ -75,6 +78,7 @@ class TDLRTCallback(TrainerCallback):
                     update(name)
 
     def on_log(self, args, state, control, logs=None, model=None, **kwargs):
+        rank_mirror.refresh()
         if self.log_ranks and logs is not None and model is not None:
             stats = rank_statistics(model)
             logs.update(stats)
@@ -90,10 +94,9 @@ def _active_config(model):
     return configs.get(active if isinstance(active, str) else next(iter(configs)))
 
 
-def _gradients_finite(optimizer) -> bool:
-    """Whether every gradient of the optimizer's parameters is finite (the fp16 scaler's skip test)."""
-    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-    return _all_finite(grads)
+def _other_gradients(optimizer) -> list:
+    """The gradients of the optimizer's parameters (the fp16 scaler's skip test covers them all)."""
+    return [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
 
 
 def _unscale_fp16(optimizer) -> None:

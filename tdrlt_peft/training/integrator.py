@@ -8,9 +8,11 @@ Usage in a plain PyTorch loop::
     integrator.step(lr)                              # augment, update the core, truncate; clears factor grads
     optimizer.step(); optimizer.zero_grad()
 
-The step is atomic: all proposals are computed before anything is written, a non-finite gradient skips the
-step for every adapter (with one warning), and under ``torch.distributed`` the ranks chosen on process 0
-are broadcast so every process truncates identically.
+The step runs the engine of ``math/engine.py`` once per group of same-shaped adapters and never reads a value on
+the host: whether the gradients are finite, the ranks and every write are decided on the device (a step with a
+non-finite gradient writes the old values back). Under ``torch.distributed`` the ranks chosen on process 0 are
+broadcast in one collective, so every process truncates identically. The Python rank mirrors that the forward
+slices with (``layers/rank_mirror.py``) follow from one non-blocking copy.
 """
 
 from __future__ import annotations
@@ -22,11 +24,11 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from ..layers import rank_mirror
+from ..layers.groups import bounds_of, gather, partition, write
 from ..layers.inventory import iter_storages
 from ..layers.storage import LowRankStorage
-from ..math.batched import BatchedStep
-from ..math.geometry import compute_dtype
-from ..math.step import apply, propose
+from ..math import engine
 from ..math.threads import single_threaded_linalg
 
 CORE_OPTIMIZERS = ("adam", "sgd")
@@ -41,13 +43,15 @@ class TDLRTIntegrator:
             basis changes, see ``adam.py``) or ``"sgd"`` (the exact projected-gradient step of the theory).
         betas, eps, weight_decay: Adam settings for the core (decoupled weight decay).
         lr_factor: the step uses ``lr * lr_factor``.
-        batched: step adapters of equal shapes and ranks together, one batched QR/SVD per group (``batched.py``;
-            same result as the per-adapter path, which ``batched=False`` selects).
+        batched: step adapters of equal storage shapes together (one group per shape, whatever their ranks);
+            ``False`` makes every adapter a group of its own (same result, more kernels).
+        cuda_graph: capture the whole step in a CUDA graph on its first steps and replay it after (``cuda_graph.py``;
+            CUDA only, single process).
     """
 
     def __init__(self, model: nn.Module, core_optimizer: Literal["adam", "sgd"] = "adam",
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
-                 lr_factor: float = 1.0, batched: bool = True):
+                 lr_factor: float = 1.0, batched: bool = True, cuda_graph: bool = False):
         if core_optimizer not in CORE_OPTIMIZERS:
             raise ValueError(f"core_optimizer must be one of {CORE_OPTIMIZERS}, got {core_optimizer!r}.")
         if not 0.0 <= betas[0] < 1.0 or not 0.0 <= betas[1] < 1.0:
@@ -57,13 +61,36 @@ class TDLRTIntegrator:
         self.adam = {"betas": tuple(betas), "eps": eps, "weight_decay": weight_decay}
         self.lr_factor = lr_factor
         self.batched = batched
-        self.num_steps = 0
-        self.num_skipped = 0
-        self._warned_skip = False
-        if not any(True for _ in iter_storages(model)):
+        storages = list(iter_storages(model))
+        if not storages:
             raise ValueError(
                 "TDLRTIntegrator found no TDLRT adapters in the model: wrap it with "
                 "`get_peft_model(model, TuckerAdapterConfig(...))` or use tdrlt_peft factorized layers.")
+        device = storages[0].core.device
+        # counters on the device: reading them is a host read, done only when asked (num_steps, num_skipped)
+        self._taken = torch.zeros((), dtype=torch.int64, device=device)
+        self._skipped = torch.zeros((), dtype=torch.int64, device=device)
+        self._skipped_on_host = 0
+        self._seen_skips = 0                     # device skips the rank mirror has reported
+        self._warned_skip = False
+        self._groups: dict[tuple, tuple[list[LowRankStorage], engine.Bounds]] = {}
+        self.graph = None
+        if cuda_graph:
+            from .cuda_graph import StepGraph
+
+            self.graph = StepGraph(self, device)
+
+    # ----------------------------------------------------------------- bookkeeping
+    @property
+    def num_steps(self) -> int:
+        """Steps taken (a host read)."""
+        return int(self._taken)
+
+    @property
+    def num_skipped(self) -> int:
+        """Steps skipped because a gradient was not finite (a host read; warns once if a skip was not seen yet)."""
+        rank_mirror.refresh()
+        return int(self._skipped) + self._skipped_on_host
 
     def storages(self) -> list[LowRankStorage]:
         return list(iter_storages(self.model))
@@ -79,13 +106,27 @@ class TDLRTIntegrator:
                 p.grad = None
             s.tracker.after_step()
 
+    def groups(self, storages: list[LowRankStorage]) -> list[tuple[list[LowRankStorage], engine.Bounds]]:
+        """Storages grouped by shape with their rank rules on the device (cached while the adapters stay the same)."""
+        key = tuple(id(s.core) for s in storages)
+        cached = self._groups.get(key)
+        if cached is None:
+            parts = partition(storages) if self.batched else [[s] for s in storages]
+            cached = [(part, bounds_of(part)) for part in parts]
+            self._groups = {key: cached}
+        return cached
+
+    # ----------------------------------------------------------------- the step
     @torch.no_grad()
-    def step(self, lr: float, closure: Callable[[], object] | None = None) -> bool:
+    def step(self, lr: float | Tensor, closure: Callable[[], object] | None = None,
+             also_check: list[Tensor] | None = None) -> Tensor | bool:
         """One rank-adaptive step at learning rate ``lr * lr_factor`` for every adapter with gradients.
 
         With a ``closure`` (recomputes the loss on the same batch and calls backward) it is the paper's two-pass
-        BUG step instead of the parallel one, see ``bug.py``. Returns False (and changes nothing but clearing
-        the factor gradients) when a gradient is non-finite.
+        BUG step instead of the parallel one, see ``bug.py``. ``also_check``: more gradients whose non-finite
+        entries skip the step too (the Trainer's other parameters under an fp16 scaler). Returns whether the step
+        was taken as a 0-dim bool tensor on the device (``bool()`` of it is a host read): a non-finite gradient
+        changes nothing but clearing the factor gradients.
         """
         if closure is not None:
             from .bug import bug_step
@@ -96,71 +137,74 @@ class TDLRTIntegrator:
         if not storages:
             self.zero_grad(every_storage)
             return False
-        # all of the step on one thread on CPU, writes and checks included: every tensor in it is small
-        with single_threaded_linalg(storages[0].core.device):
-            try:
-                return self._parallel_step(storages, float(lr) * self.lr_factor)
-            finally:
-                self.zero_grad(every_storage)
+        try:
+            if self.graph is not None:
+                ok = self.graph.run(storages, lr * self.lr_factor, also_check)
+            else:
+                # all of the step on one thread on CPU: every tensor in it is small
+                with single_threaded_linalg(storages[0].core.device):
+                    ok = self.parallel_step(storages, lr * self.lr_factor, also_check)
+            self.publish(storages)
+            return ok
+        finally:
+            self.zero_grad(every_storage)
 
-    def _parallel_step(self, storages: list[LowRankStorage], lr: float) -> bool:
-        if not _all_finite([p.grad for s in storages for p in s.parameters() if p.grad is not None]):
-            return self.skip_step()
-        if self.batched:
-            adam = self.adam if self.core_optimizer == "adam" else None
-            batch = BatchedStep(storages, lr, adam, fallback=lambda s: self._propose(s, lr))
-            batch.apply(_agree(batch.ranks))
-            batch.write()
-        else:
-            proposals = [self._propose(s, lr) for s in storages]
-            ranks = _agree([p.ranks for p in proposals])
-            results = [apply(p, k) for p, k in zip(proposals, ranks)]
-            for s, (core, factors, moments) in zip(storages, results):
-                s.write(core, factors, moments)
-        self.num_steps += 1
-        return True
+    def parallel_step(self, storages: list[LowRankStorage], lr: float | Tensor, also_check: list[Tensor] | None
+                      ) -> Tensor:
+        """The step's device work (what a CUDA graph captures): returns ``ok``."""
+        grads = [p.grad for s in storages for p in s.parameters() if p.grad is not None]
+        ok = all_finite(grads + list(also_check or []))
+        adam = self.adam if self.core_optimizer == "adam" else None
+        groups = self.groups(storages)
+        proposals = []
+        for part, bounds in groups:
+            g = gather(part, with_moments=adam is not None)
+            proposals.append(engine.propose(g.group, g.core_grad, g.k_grads, lr, bounds, adam))
+        ranks = agree([p.ranks for p in proposals])
+        for (part, _), proposal, agreed in zip(groups, proposals, ranks):
+            write(part, engine.apply(proposal, agreed), ok)
+        self._taken += ok
+        self._skipped += ~ok
+        return ok
 
-    def skip_step(self, reason: str = "non-finite adapter gradients") -> bool:
+    def publish(self, storages: list[LowRankStorage]) -> None:
+        """Host rank mirrors (and the skip warning) from one non-blocking copy (``layers/rank_mirror.py``)."""
+        rank_mirror.publish(storages, self._skipped, self._seen_device_skips)
+
+    def _seen_device_skips(self, skipped: int) -> None:
+        if skipped > self._seen_skips:
+            self._seen_skips = skipped
+            self.warn_skip()
+
+    def skip_step(self, reason: str = "non-finite gradients") -> bool:
         """Skip this step for every adapter (nothing changes but the factor gradients are cleared); warns once."""
-        self.num_skipped += 1
-        if not self._warned_skip:
-            warnings.warn(f"TDLRT: {reason}, skipping the step for every adapter (an fp16 loss-scale overflow does "
-                          "this routinely; said once).", stacklevel=3)
-            self._warned_skip = True
+        self._skipped_on_host += 1
+        self.warn_skip(reason)
         self.zero_grad()
         return False
 
-    def _propose(self, s: LowRankStorage, lr: float):
-        dtype = compute_dtype(s.core.dtype)
-        core, factors = s.active()
-        ranks = s.ranks
-        core_grad = s.core.grad[tuple(slice(0, r) for r in ranks)].to(dtype)
-        k_grads = [None if U is None else U.grad[:, :r].to(dtype) for U, r in zip(s.factors, ranks)]
-        moments = s.active_moments(dtype) if self.core_optimizer == "adam" else None
-        return propose(core.to(dtype), [None if U is None else U.to(dtype) for U in factors], core_grad,
-                       k_grads, lr, s.bounds, matrix=s.matrix, storage_ranks=s.storage_ranks(),
-                       moments=moments, adam=self.adam if moments is not None else None)
+    def warn_skip(self, reason: str = "non-finite gradients") -> None:
+        if not self._warned_skip:
+            warnings.warn(f"TDLRT: {reason}, skipping the step for every adapter (an fp16 loss-scale overflow does "
+                          "this routinely; said once).", stacklevel=4)
+            self._warned_skip = True
 
 
-def _all_finite(tensors: list[Tensor]) -> bool:
+def all_finite(tensors: list[Tensor]) -> Tensor:
+    """Whether every entry of every tensor is finite, as a 0-dim bool tensor: one fused max-norm (which does not
+    overflow for finite entries, unlike the 2-norm) and no host read."""
     if not tensors:
-        return True
-    # one fused op and one host sync for all adapters: ||t||_2 is finite only if every entry is
-    if bool(torch.isfinite(torch.stack(torch._foreach_norm(tensors))).all()):
-        return True
-    # the 2-norm also overflows for finite entries above ~1e19 (float32): decide entry-wise
-    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+        return torch.ones((), dtype=torch.bool)
+    return torch.isfinite(torch.stack(torch._foreach_norm(tensors, float("inf")))).all()
 
 
-def _agree(ranks: list[list[int]]) -> list[list[int]]:
-    """Under torch.distributed, every process takes process 0's rank decision (SVDs may differ in the last bit)."""
+def agree(ranks: list[Tensor]) -> list[Tensor]:
+    """Under torch.distributed every process takes process 0's rank decision (SVDs may differ in the last bit):
+    one broadcast of all groups' ranks, on the device."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return ranks
     if torch.distributed.get_world_size() == 1:
         return ranks
-    flat = torch.tensor([r for rs in ranks for r in rs], dtype=torch.int64)
-    if torch.distributed.get_backend() == "nccl":
-        flat = flat.cuda()
+    flat = torch.cat([r.reshape(-1) for r in ranks])
     torch.distributed.broadcast(flat, src=0)
-    values = iter(flat.tolist())
-    return [[next(values) for _ in rs] for rs in ranks]
+    return [t.view_as(r) for t, r in zip(flat.split([r.numel() for r in ranks]), ranks)]

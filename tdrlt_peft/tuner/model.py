@@ -72,6 +72,16 @@ class TDLRTModel(BaseTuner):
             peft_config.target_modules = target_modules if isinstance(target_modules, str) else set(target_modules)
         return peft_config
 
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        """PEFT's dtype policy: adapters live in the base model's dtype; ``autocast_adapter_dtype=True`` (the
+        default of ``get_peft_model`` / ``PeftModel.from_pretrained``) upcasts float16 / bfloat16 adapters to
+        float32 (every tensor: factors, core, Adam buffers). The upcast bases, rounded to half precision at
+        creation, are then re-orthonormalised in float32 (``TDLRTLayer.restore_orthonormality``, ΔW unchanged)."""
+        super()._cast_adapter_dtype(adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+        for module in self.model.modules():
+            if isinstance(module, TDLRTLayer) and adapter_name in module.tdlrt_S:
+                module.restore_orthonormality(adapter_name)
+
     def update_rank_pattern(self, adapter_name: str = "default") -> dict:
         """Record the current ranks in ``peft_config[adapter_name].rank_pattern`` (saved with the adapter)."""
         pattern = rank_pattern(self.model, adapter_name)

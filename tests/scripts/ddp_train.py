@@ -31,8 +31,8 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
-import tdrlt_peft.training.integrator as integrator_module  # noqa: E402
 from tdrlt_peft import adapter_ranks  # noqa: E402
+from tdrlt_peft.math import engine  # noqa: E402
 from tests.scripts.tiny_trainer import adapter_state, build_trainer, tiny_model  # noqa: E402
 
 
@@ -53,17 +53,17 @@ class RankAgreement(TrainerCallback):
 
 def propose_one_less_on_process_1() -> None:
     """Make process 1's own rank decision differ from process 0's: only the broadcast can reconcile them."""
-    original = integrator_module.propose
+    original = engine.propose
     signature = inspect.signature(original)
 
     def propose(*args, **kwargs):
         proposal = original(*args, **kwargs)
         bounds = signature.bind(*args, **kwargs).arguments["bounds"]
-        proposal = dataclasses.replace(proposal, ranks=[max(bounds.r_min, r - 1) if svd is not None else r
-                                                        for r, svd in zip(proposal.ranks, proposal.svds)])
-        return proposal
+        lowered = torch.maximum(bounds.r_min[:, None], proposal.ranks - 1)
+        factored = torch.tensor([U is not None for U in proposal.bases], device=lowered.device)
+        return dataclasses.replace(proposal, ranks=torch.where(factored, lowered, proposal.ranks))
 
-    integrator_module.propose = propose
+    engine.propose = propose
 
 
 def replica_spread(model) -> float:

@@ -1,0 +1,135 @@
+"""Adapters grouped by storage shape for the step engine: stacked reads and masked, all-or-nothing writes.
+
+``gather`` stacks the tensors of same-shaped adapters (one op per tensor kind, whatever the number of adapters)
+into a ``math.engine.Group``; ``write`` puts a new group back with one ``_foreach_copy_`` per tensor kind, each
+value chosen on the device by ``torch.where(ok, new, old)``: a step whose gradients were not finite writes the old
+values back, without the host ever reading ``ok``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..math.adam import AdamMoments
+from ..math.engine import Bounds, Group
+from ..math.geometry import compute_dtype
+from .storage import LowRankStorage
+
+
+def group_key(s: LowRankStorage) -> tuple:
+    """Adapters with equal keys are stepped together: same storage shapes, kind, dtype, device and state."""
+    return (tuple(s.core.shape), tuple(None if U is None else tuple(U.shape) for U in s.factors), s.matrix,
+            s.core.dtype, s.core.device, s.moments is not None, s.k_buffer is not None)
+
+
+def partition(storages: list[LowRankStorage]) -> list[list[LowRankStorage]]:
+    groups: dict[tuple, list[LowRankStorage]] = {}
+    for s in storages:
+        groups.setdefault(group_key(s), []).append(s)
+    return list(groups.values())
+
+
+def bounds_of(storages: list[LowRankStorage]) -> Bounds:
+    """The rank rules as device tensors (B,) (built once per group by the caller's cache)."""
+    device = storages[0].core.device
+    dtype = compute_dtype(storages[0].core.dtype)
+    return Bounds(tau=torch.tensor([s.bounds.tau for s in storages], dtype=dtype, device=device),
+                  r_min=torch.tensor([s.bounds.r_min for s in storages], device=device),
+                  r_max=torch.tensor([s.bounds.r_max for s in storages], device=device),
+                  absolute=torch.tensor([s.bounds.absolute for s in storages], device=device))
+
+
+@dataclass
+class Gathered:
+    group: Group
+    core_grad: Tensor
+    k_grads: list[Tensor | None]
+
+
+def _stack(tensors: list[Tensor], dtype: torch.dtype) -> Tensor:
+    return torch.stack(tensors).to(dtype)
+
+
+def stacked_factor_views(buffer: Tensor, sizes: list[int], widths: list[int | None]) -> list[AdamMoments | None]:
+    """Per-mode K-gradient moments of a stacked buffer ``(B, 4, sum_i n_i, R)`` (factorized modes by rows): m, v
+    ``(B, n_i, R_i)`` and the weights wm, wv as one row ``(B, 1, R_i)`` (they are equal in every row)."""
+    out: list[AdamMoments | None] = []
+    row = 0
+    for n, w in zip(sizes, widths):
+        if w is None:
+            out.append(None)
+            continue
+        block = buffer[:, :, row:row + n, :w]
+        out.append(AdamMoments(block[:, 0], block[:, 1], block[:, 2, :1], block[:, 3, :1]))
+        row += n
+    return out
+
+
+def gather(storages: list[LowRankStorage], with_moments: bool, with_grads: bool = True) -> Gathered:
+    """Stack one group's tensors in the compute dtype (float32 for half-precision storage)."""
+    first = storages[0]
+    dtype = compute_dtype(first.core.dtype)
+    core = _stack([s.core for s in storages], dtype)
+    factors = [None if U is None else _stack([s.factors[i] for s in storages], dtype)
+               for i, U in enumerate(first.factors)]
+    moments = None
+    if with_moments and first.moments is not None:
+        moments = AdamMoments(*(_stack(list(t), dtype) for t in zip(*(s.moments.tensors() for s in storages))))
+        if first.k_buffer is not None:
+            buffer = _stack([s.k_buffer for s in storages], dtype)                  # (B, 4, sum n_i, R)
+            moments.factors = stacked_factor_views(buffer, [U.shape[0] if U is not None else 0 for U in first.factors],
+                                                  [None if U is None else U.shape[1] for U in first.factors])
+    group = Group(core=core, factors=factors, ranks=torch.stack([s.rank_buffer for s in storages]),
+                  matrix=first.matrix, moments=moments)
+    if not with_grads:
+        return Gathered(group, None, [])
+    core_grad = _stack([s.core.grad for s in storages], dtype)
+    k_grads = [None if U is None else _stack([s.factors[i].grad for s in storages], dtype)
+               for i, U in enumerate(first.factors)]
+    return Gathered(group, core_grad, k_grads)
+
+
+def _choose(ok: Tensor | None, new: Tensor, old: list[Tensor]) -> list[Tensor]:
+    """``new`` (stacked) cast to the storage dtype, or the old values where ``ok`` is False; as a list of (B) views."""
+    new = new.to(old[0].dtype)
+    if ok is not None:
+        new = torch.where(ok, new, torch.stack(old))
+    return list(new.unbind(0))
+
+
+def _copy(ok: Tensor | None, targets: list[Tensor], new: Tensor) -> None:
+    torch._foreach_copy_(targets, _choose(ok, new, targets))
+
+
+def stacked_factor_buffer(factors: list[AdamMoments | None], width: int) -> Tensor:
+    """Inverse of :func:`stacked_factor_views`: ``(B, 4, sum_i n_i, width)``, the weights broadcast to every row."""
+    blocks = []
+    for state in factors:
+        if state is None:
+            continue
+        m, v, wm, wv = state.tensors()
+        block = torch.stack([m, v, wm.expand_as(m), wv.expand_as(m)], 1)              # (B, 4, n_i, R_i)
+        blocks.append(torch.nn.functional.pad(block, (0, width - block.shape[-1])) if block.shape[-1] < width
+                      else block)
+    return torch.cat(blocks, 2) if len(blocks) > 1 else blocks[0]
+
+
+@torch.no_grad()
+def write(storages: list[LowRankStorage], new: Group, ok: Tensor | None = None) -> None:
+    """Store ``new`` (zeros past its ranks) in every adapter of the group, or keep the old values where ``ok`` is
+    a False (0-dim bool) tensor. The host rank mirrors are not touched (see ``training.integrator``)."""
+    first = storages[0]
+    _copy(ok, [s.core for s in storages], new.core)
+    for i, U in enumerate(new.factors):
+        if U is not None:
+            _copy(ok, [s.factors[i] for s in storages], U)
+    if new.moments is not None and first.moments is not None:
+        for j, t in enumerate(new.moments.tensors()):
+            _copy(ok, [s.moments.tensors()[j] for s in storages], t)
+        if new.moments.factors is not None and first.k_buffer is not None:
+            _copy(ok, [s.k_buffer for s in storages],
+                  stacked_factor_buffer(new.moments.factors, first.k_buffer.shape[-1]))
+    _copy(ok, [s.rank_buffer for s in storages], new.ranks)
