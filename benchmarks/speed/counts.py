@@ -189,11 +189,14 @@ def count_step(integrator, lr: float, device: torch.device | str | None = None) 
     """``Counts.as_dict()`` of one ``integrator.step(lr)``; gradients must already be set (``loss.backward()``).
 
     Returns ``{"compute_ops", "linalg_calls", "host_reads", "views", "linalg": {name: n}, "host_read_ops": ...,
-    "linalg_syncing_on_cuda", "cpu_side_reads", "ops", "stepped": the step's return value}``.
+    "linalg_syncing_on_cuda", "cpu_side_reads", "ops", "stepped": the step's return value (a tensor flag is
+    read after the count, as a bool)}``.
     """
     if device is None:
         device = next(p.device for s in integrator.storages() for p in s.parameters())
     stepped, counts = count_ops(lambda: integrator.step(lr), device)
+    if isinstance(stepped, torch.Tensor):          # a device flag (no host read in the step): read it after
+        stepped = bool(stepped)
     return {**counts.as_dict(), "stepped": stepped}
 
 

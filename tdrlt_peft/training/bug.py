@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
+from ..layers import rank_mirror
 from ..layers.groups import gather, write
 from ..layers.inventory import iter_storages
 from ..layers.storage import LowRankStorage
@@ -133,6 +134,7 @@ def bug_step(integrator: TDLRTIntegrator, lr: float | Tensor, closure: Callable[
                 write(aug.storages, engine.apply(proposal, agreed))
         integrator._taken += 1
         integrator.publish(storages)
+        rank_mirror.refresh()
         return True
     except BaseException:
         _restore(groups, integrator)
@@ -150,6 +152,7 @@ def _restore(groups: list[AugmentedGroup], integrator: TDLRTIntegrator) -> None:
         write(aug.storages, aug.old)
     if groups:
         integrator.publish([s for aug in groups for s in aug.storages])
+        rank_mirror.refresh()                  # the BUG step reads on the host anyway: exact widths at once
 
 
 def _second_pass_grad(aug: AugmentedGroup) -> Tensor:

@@ -1,0 +1,195 @@
+"""TDLRT on diffusers' UNet2DConditionModel (injection both ways, the diffusers adapter API, merge, GradScaler,
+save/load, sampling) and the Dreambooth benchmark runner (``benchmarks/dreambooth``) end to end, offline."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers", reason="the `diffusion` extra: pip install -e '.[diffusion]'")
+
+from peft import PeftModel, get_peft_model  # noqa: E402
+
+from tdrlt_peft import TDLRTLayer, TDLRTOptimizer, TuckerAdapterConfig, adapter_ranks  # noqa: E402
+from tdrlt_peft.layers.conv import Conv  # noqa: E402
+
+from .tolerances import IDENTITY  # noqa: E402
+
+F64 = torch.float64
+TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "conv", "conv1", "conv2", "conv_shortcut",
+           "time_emb_proj", "ff.net.2"]
+
+
+def tiny_unet(dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    unet = diffusers.UNet2DConditionModel(
+        block_out_channels=(8, 16), cross_attention_dim=8, layers_per_block=1, sample_size=8, norm_num_groups=4,
+        in_channels=4, out_channels=4, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+    return unet.to(dtype)
+
+
+def config(**kw):
+    return TuckerAdapterConfig(target_modules=TARGETS, r=kw.pop("r", 2), r_max=kw.pop("r_max", 6),
+                               tau=kw.pop("tau", 0.1), **kw)
+
+
+def inputs(dtype=torch.float32, batch=2, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    sample = torch.randn(batch, 4, 8, 8, generator=g).to(dtype)
+    context = torch.randn(batch, 5, 8, generator=g).to(dtype)
+    return sample, torch.tensor([10, 500]), context
+
+
+def denoise_loss(unet, seed=2):
+    sample, timesteps, context = inputs(next(unet.parameters()).dtype, seed=seed)
+    return unet(sample, timesteps, context).sample.pow(2).mean()
+
+
+def train(unet, steps=3, lr=1e-2):
+    optimizer = TDLRTOptimizer(unet, lr=lr)
+    for step in range(steps):
+        denoise_loss(unet, seed=10 + step).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return optimizer
+
+
+def layers(unet):
+    return {name: m for name, m in unet.named_modules() if isinstance(m, TDLRTLayer)}
+
+
+@pytest.mark.parametrize("how", ["get_peft_model", "add_adapter"])
+def test_injection_puts_tucker_adapters_on_convs_and_matrix_adapters_on_linears(how):
+    unet = tiny_unet()
+    if how == "get_peft_model":
+        unet = get_peft_model(unet, config())
+    else:
+        unet.add_adapter(config())
+        assert unet.active_adapters() == ["default"]
+    found = layers(unet)
+    kernels = {m.get_base_layer().kernel_size for m in found.values() if isinstance(m, Conv)}
+    assert kernels == {(1, 1), (3, 3)}
+    linears = [m for m in found.values() if isinstance(m.get_base_layer(), torch.nn.Linear)]
+    assert {name.rsplit(".", 1)[-1] for name, m in found.items() if m in linears} == {
+        "to_q", "to_k", "to_v", "0", "time_emb_proj", "2"}
+    assert all(m.r == {"default": 2} for m in found.values())
+    from diffusers.utils.peft_utils import get_adapter_name
+
+    assert get_adapter_name(unet) == "default_1"       # what diffusers reads: len(layer.r)
+    trainable = {n for n, p in unet.named_parameters() if p.requires_grad}
+    assert trainable and all("tdlrt_" in n for n in trainable)
+    train(unet, steps=2)
+    assert any(r != (2, 2) for r in adapter_ranks(unet).values())
+
+
+def test_diffusers_scale_api_follows_lora_semantics():
+    unet = tiny_unet(F64)
+    unet.add_adapter(config(scale=2.0))
+    train(unet, steps=2)
+    sample, timesteps, context = inputs(F64)
+    with torch.no_grad():
+        full = unet(sample, timesteps, context).sample
+        unet.disable_adapters()
+        base = unet(sample, timesteps, context).sample
+        unet.enable_adapters()
+        half = unet(sample, timesteps, context, cross_attention_kwargs={"scale": 0.5}).sample
+        assert all(m.tdlrt_scale["default"] == 2.0 for m in layers(unet).values())   # unscaled after the call
+        unet.set_adapters(["default"], weights=[0.5])      # set_scale: weight x the configured scale
+        assert all(m.tdlrt_scale["default"] == 1.0 for m in layers(unet).values())
+        set_half = unet(sample, timesteps, context).sample
+        for m in layers(unet).values():
+            m.scale_layer(4.0)
+            m.unscale_layer(2.0)
+        assert all(m.tdlrt_scale["default"] == 2.0 for m in layers(unet).values())
+        for m in layers(unet).values():
+            m.unscale_layer()                               # None: back to the configured scale
+        unet.set_adapters(["default"], weights=[0.0])
+        zero = unet(sample, timesteps, context).sample
+    assert not torch.allclose(full, base)
+    tol = IDENTITY[F64]
+    torch.testing.assert_close(half, set_half, atol=tol, rtol=tol)
+    torch.testing.assert_close(zero, base, atol=tol, rtol=tol)
+    assert not torch.allclose(half, full) and not torch.allclose(half, base)
+
+
+@pytest.mark.parametrize("how", ["merge_and_unload", "fuse_lora"])
+def test_forward_equals_the_merged_dense_model_float64(how):
+    unet = tiny_unet(F64)
+    if how == "merge_and_unload":
+        model = get_peft_model(unet, config())
+    else:
+        unet.add_adapter(config())
+        model = unet
+    train(model)
+    sample, timesteps, context = inputs(F64, seed=5)
+    with torch.no_grad():
+        expected = model(sample, timesteps, context).sample
+        if how == "merge_and_unload":
+            merged = model.merge_and_unload()
+            assert not layers(merged)
+        else:
+            unet.fuse_lora()
+            merged = unet
+        got = merged(sample, timesteps, context).sample
+    torch.testing.assert_close(got, expected, atol=IDENTITY[F64], rtol=IDENTITY[F64])
+    if how == "fuse_lora":
+        unet.unfuse_lora()
+        with torch.no_grad():
+            torch.testing.assert_close(unet(sample, timesteps, context).sample, expected, atol=IDENTITY[F64],
+                                       rtol=IDENTITY[F64])
+
+
+def test_grad_scaler_step_with_an_inf_gradient_changes_nothing():
+    unet = get_peft_model(tiny_unet(), config())
+    optimizer = train(unet, steps=2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+    scaler.scale(denoise_loss(unet)).backward()
+    conv = next(m for m in layers(unet).values() if isinstance(m, Conv))
+    conv.tdlrt_S["default"].grad.view(-1)[0] = float("inf")
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    with pytest.warns(UserWarning, match="non-finite"):
+        scaler.step(optimizer)
+    scaler.update()
+    after = unet.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert optimizer.num_skipped == 1 and scaler.get_scale() == 2.0 ** 7
+
+
+def test_save_load_round_trip(tmp_path):
+    model = get_peft_model(tiny_unet(), config())
+    train(model, steps=3)
+    ranks = adapter_ranks(model)
+    sample, timesteps, context = inputs()
+    model.eval()
+    with torch.no_grad():
+        expected = model(sample, timesteps, context).sample
+    model.save_pretrained(tmp_path)
+    torch.manual_seed(123)        # a different adapter initialisation: loading must overwrite all of it
+    loaded = PeftModel.from_pretrained(tiny_unet(), tmp_path).eval()
+    assert adapter_ranks(loaded) == ranks
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(sample, timesteps, context).sample, expected, atol=0, rtol=0)
+
+
+def test_sampling_with_the_merged_unet_equals_the_adapter_model():
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    model = get_peft_model(tiny_unet(F64), config())
+    train(model)
+    ddpm = DDPMScheduler(num_train_timesteps=100, beta_schedule="squaredcos_cap_v2")
+    _, _, context = inputs(F64)
+
+    def sample(unet):
+        scheduler = DDIMScheduler.from_config(ddpm.config)
+        scheduler.set_timesteps(4)
+        x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0), dtype=F64)
+        with torch.no_grad():
+            for t in scheduler.timesteps:
+                x = scheduler.step(unet(x, t, context).sample, t, x).prev_sample
+        return x
+
+    expected = sample(model)
+    got = sample(model.merge_and_unload())
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, expected, atol=1e-8, rtol=1e-8)
