@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from ..math.adam import AdamMoments
-from ..math.engine import Bounds, Group
+from ..math.engine import Bounds, Group, factor_views
 from ..math.geometry import compute_dtype
 from .storage import LowRankStorage
 
@@ -45,27 +45,26 @@ def bounds_of(storages: list[LowRankStorage]) -> Bounds:
 @dataclass
 class Gathered:
     group: Group
-    core_grad: Tensor
+    core_grad: Tensor | None
     k_grads: list[Tensor | None]
+    k_buffer: Tensor | None = None     # the stacked K-moment buffers (B, 4, sum_i n_i, W) behind group.k_moments
 
 
 def _stack(tensors: list[Tensor], dtype: torch.dtype) -> Tensor:
     return torch.stack(tensors).to(dtype)
 
 
-def stacked_factor_views(buffer: Tensor, sizes: list[int], widths: list[int | None]) -> list[AdamMoments | None]:
-    """Per-mode K-gradient moments of a stacked buffer ``(B, 4, sum_i n_i, R)`` (factorized modes by rows): m, v
-    ``(B, n_i, R_i)`` and the weights wm, wv as one row ``(B, 1, R_i)`` (they are equal in every row)."""
-    out: list[AdamMoments | None] = []
+def k_layout(factors: list) -> list[tuple[int, int, int] | None]:
+    """(first row, n_i, R_i) of each factorized mode in a K-moment buffer (factorized modes stacked by rows)."""
+    layout: list[tuple[int, int, int] | None] = []
     row = 0
-    for n, w in zip(sizes, widths):
-        if w is None:
-            out.append(None)
+    for U in factors:
+        if U is None:
+            layout.append(None)
             continue
-        block = buffer[:, :, row:row + n, :w]
-        out.append(AdamMoments(block[:, 0], block[:, 1], block[:, 2, :1], block[:, 3, :1]))
-        row += n
-    return out
+        layout.append((row, U.shape[0], U.shape[1]))
+        row += U.shape[0]
+    return layout
 
 
 def gather(storages: list[LowRankStorage], with_moments: bool, with_grads: bool = True) -> Gathered:
@@ -75,37 +74,34 @@ def gather(storages: list[LowRankStorage], with_moments: bool, with_grads: bool 
     core = _stack([s.core for s in storages], dtype)
     factors = [None if U is None else _stack([s.factors[i] for s in storages], dtype)
                for i, U in enumerate(first.factors)]
-    moments = None
-    if with_moments and first.moments is not None:
-        moments = AdamMoments(*(_stack(list(t), dtype) for t in zip(*(s.moments.tensors() for s in storages))))
-        if first.k_buffer is not None:
-            buffer = _stack([s.k_buffer for s in storages], dtype)                  # (B, 4, sum n_i, R)
-            moments.factors = stacked_factor_views(buffer, [U.shape[0] if U is not None else 0 for U in first.factors],
-                                                  [None if U is None else U.shape[1] for U in first.factors])
     group = Group(core=core, factors=factors, ranks=torch.stack([s.rank_buffer for s in storages]),
-                  matrix=first.matrix, moments=moments)
+                  matrix=first.matrix)
+    buffer = None
+    if with_moments and first.moments is not None:
+        group.moments = AdamMoments(*(_stack(list(t), dtype) for t in zip(*(s.moments.tensors() for s in storages))))
+        if first.k_buffer is not None:
+            buffer = _stack([s.k_buffer for s in storages], dtype)                  # (B, 4, sum n_i, W)
+            group.k_moments = AdamMoments(*buffer.unbind(1))
+            group.k_layout = k_layout(first.factors)
+            group.moments.factors = factor_views(group.k_moments, group.k_layout)
     if not with_grads:
-        return Gathered(group, None, [])
+        return Gathered(group, None, [], buffer)
     core_grad = _stack([s.core.grad for s in storages], dtype)
     k_grads = [None if U is None else _stack([s.factors[i].grad for s in storages], dtype)
                for i, U in enumerate(first.factors)]
-    return Gathered(group, core_grad, k_grads)
+    return Gathered(group, core_grad, k_grads, buffer)
 
 
-def _choose(ok: Tensor | None, new: Tensor, old: list[Tensor]) -> list[Tensor]:
-    """``new`` (stacked) cast to the storage dtype, or the old values where ``ok`` is False; as a list of (B) views."""
-    new = new.to(old[0].dtype)
+def _copy(ok: Tensor | None, targets: list[Tensor], new: Tensor, old: Tensor | None) -> None:
+    """Copy ``new`` (stacked) into ``targets`` in their dtype, or ``old`` (the stacked values before the step, read
+    by ``gather``) where ``ok`` is False."""
     if ok is not None:
-        new = torch.where(ok, new, torch.stack(old))
-    return list(new.unbind(0))
-
-
-def _copy(ok: Tensor | None, targets: list[Tensor], new: Tensor) -> None:
-    torch._foreach_copy_(targets, _choose(ok, new, targets))
+        new = torch.where(ok, new, old if old is not None else torch.stack(targets))
+    torch._foreach_copy_(targets, list(new.to(targets[0].dtype).unbind(0)))
 
 
 def stacked_factor_buffer(factors: list[AdamMoments | None], width: int) -> Tensor:
-    """Inverse of :func:`stacked_factor_views`: ``(B, 4, sum_i n_i, width)``, the weights broadcast to every row."""
+    """Inverse of ``engine.factor_views`` on a stacked buffer: ``(B, 4, sum_i n_i, width)``, the weights broadcast to every row."""
     blocks = []
     for state in factors:
         if state is None:
@@ -118,18 +114,22 @@ def stacked_factor_buffer(factors: list[AdamMoments | None], width: int) -> Tens
 
 
 @torch.no_grad()
-def write(storages: list[LowRankStorage], new: Group, ok: Tensor | None = None) -> None:
+def write(storages: list[LowRankStorage], new: Group, ok: Tensor | None = None, old: Gathered | None = None) -> None:
     """Store ``new`` (zeros past its ranks) in every adapter of the group, or keep the old values where ``ok`` is
-    a False (0-dim bool) tensor. The host rank mirrors are not touched (see ``training.integrator``)."""
+    a False (0-dim bool) tensor (``old``: the group as gathered before the step). The host rank mirrors are not
+    touched (see ``rank_mirror.py``)."""
     first = storages[0]
-    _copy(ok, [s.core for s in storages], new.core)
+    before = None if old is None else old.group
+    _copy(ok, [s.core for s in storages], new.core, None if before is None else before.core)
     for i, U in enumerate(new.factors):
         if U is not None:
-            _copy(ok, [s.factors[i] for s in storages], U)
+            _copy(ok, [s.factors[i] for s in storages], U, None if before is None else before.factors[i])
     if new.moments is not None and first.moments is not None:
+        olds = [None] * 4 if before is None or before.moments is None else list(before.moments.tensors())
         for j, t in enumerate(new.moments.tensors()):
-            _copy(ok, [s.moments.tensors()[j] for s in storages], t)
+            _copy(ok, [s.moments.tensors()[j] for s in storages], t, olds[j])
         if new.moments.factors is not None and first.k_buffer is not None:
             _copy(ok, [s.k_buffer for s in storages],
-                  stacked_factor_buffer(new.moments.factors, first.k_buffer.shape[-1]))
-    _copy(ok, [s.rank_buffer for s in storages], new.ranks)
+                  stacked_factor_buffer(new.moments.factors, first.k_buffer.shape[-1]),
+                  None if old is None else old.k_buffer)
+    _copy(ok, [s.rank_buffer for s in storages], new.ranks, None if before is None else before.ranks)

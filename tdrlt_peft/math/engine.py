@@ -26,7 +26,7 @@ from torch import Tensor
 
 from .adam import AdamMoments, adam_direction, transport_columns
 from .geometry import truncation_ranks
-from .orth import complement_basis, complement_gram, eigh_descending, polar_step
+from .orth import complement_basis, complement_gram, eigh_descending, identity, polar_step, positions
 from .tucker import batch_fold, batch_mode_dot, batch_unfold
 
 
@@ -56,13 +56,17 @@ class Group:
 
     ``core`` (B, R_1, ..., R_d); ``factors[i]`` (B, n_i, R_i) or None (mode not factorized, ``R_i = n_i``);
     ``ranks`` (B, d) int64; ``moments``: Adam moments shaped like ``core``, with the K-gradient moments in
-    ``moments.factors[i]`` (m, v: (B, n_i, R_i); wm, wv: (B, 1, R_i)) or None."""
+    ``moments.factors[i]`` (m, v: (B, n_i, R_i); wm, wv: (B, 1, R_i), equal in every row) or None."""
 
     core: Tensor
     factors: list[Tensor | None]
     ranks: Tensor
     matrix: bool
     moments: AdamMoments | None = None
+    # the K-gradient moments of all modes in one tensor each (B, sum_i n_i, W), factorized modes by rows, and each
+    # mode's (first row, n_i, R_i): ``moments.factors`` are views of it (factor_views)
+    k_moments: AdamMoments | None = None
+    k_layout: list[tuple[int, int, int] | None] | None = None
 
 
 @dataclass
@@ -82,7 +86,7 @@ class Proposal:
 # ----------------------------------------------------------------------------- masks
 def column_mask(count: Tensor, width: int) -> Tensor:
     """``(B, width)`` bool: column j < count[b]."""
-    return torch.arange(width, device=count.device)[None, :] < count[:, None]
+    return positions(width, count.device)[None, :] < count[:, None]
 
 
 def block_mask(ranks: Tensor, shape: list[int]) -> Tensor:
@@ -96,7 +100,7 @@ def block_mask(ranks: Tensor, shape: list[int]) -> Tensor:
 
 def shift_matrix(offset: Tensor, width: int, dtype: torch.dtype) -> Tensor:
     """``Σ`` (B, width, width) with ``Σ[b, j, offset_b + j] = 1``: ``Ũ Σ`` moves column j to position offset + j."""
-    j = torch.arange(width, device=offset.device)
+    j = positions(width, offset.device)
     return (j[None, None, :] == (j[None, :, None] + offset[:, None, None])).to(dtype)
 
 
@@ -151,14 +155,32 @@ def masked_mean(t: Tensor, mask: Tensor) -> Tensor:
 
 
 # ----------------------------------------------------------------------------- the step
+def factor_views(state: AdamMoments, layout: list[tuple[int, int, int] | None]) -> list[AdamMoments | None]:
+    """Per-mode views ``(B, n_i, R_i)`` of K-gradient moments stacked by rows (the weights as one row)."""
+    out: list[AdamMoments | None] = []
+    for entry in layout:
+        if entry is None:
+            out.append(None)
+            continue
+        start, n, width = entry
+        rows = slice(start, start + n)
+        out.append(AdamMoments(state.m[:, rows, :width], state.v[:, rows, :width], state.wm[:, start:start + 1, :width],
+                               state.wv[:, start:start + 1, :width]))
+    return out
+
+
 def precondition(group: Group, k_grads: list[Tensor | None], adam: dict | None
                  ) -> tuple[list[Tensor | None], list[AdamMoments | None] | None]:
-    """Adam directions of the K-gradients (entry-wise) and their new moments; the gradients themselves for SGD."""
-    states = None if group.moments is None else group.moments.factors
-    if adam is None or states is None:
+    """Adam directions of the K-gradients (entry-wise, every mode in one call on the row-stacked moments) and their
+    new per-mode moments; the gradients themselves for SGD."""
+    if adam is None or group.k_moments is None:
         return list(k_grads), None
-    out = [None if G is None else adam_direction(G, s, adam["betas"], adam["eps"]) for G, s in zip(k_grads, states)]
-    return [G if o is None else o[0] for G, o in zip(k_grads, out)], [None if o is None else o[1] for o in out]
+    width = group.k_moments.m.shape[-1]
+    stacked = torch.cat([fit_columns(G, width) for G in k_grads if G is not None], 1)      # (B, sum_i n_i, W)
+    direction, state = adam_direction(stacked, group.k_moments, adam["betas"], adam["eps"])
+    dirs = [None if v is None else v.m for v in factor_views(AdamMoments(direction, direction, direction, direction),
+                                                              group.k_layout)]
+    return dirs, factor_views(state, group.k_layout)
 
 
 def augment(group: Group, k_dirs: list[Tensor | None], caps: list[int] | None = None
@@ -217,8 +239,9 @@ def propose(group: Group, core_grad: Tensor, k_grads: list[Tensor | None], lr: f
             # the new blocks from the preconditioned K-gradients (adam.py), the old block from the core's Adam
             direction = augmented_gradient(direction * old, k_dirs, new, qs, shifts)
             moments.factors = factor_moments
-        core_hat = group.core - lr * (direction + adam.get("weight_decay", 0.0) * group.core)
-    bases = [None if U is None else U + N @ S for U, N, S in zip(group.factors, new, shifts)]
+        decay = adam.get("weight_decay", 0.0)
+        core_hat = group.core - lr * (direction + decay * group.core if decay else direction)
+    bases = [None if U is None else torch.baddbmm(U, N, S) for U, N, S in zip(group.factors, new, shifts)]
     return truncation_proposal(group, bases, core_hat, augmented, bounds, moments, qs)
 
 
@@ -264,9 +287,8 @@ def apply(proposal: Proposal, ranks: Tensor) -> Group:
             continue
         values, P = pair
         # zero core: keep the leading columns of the current basis (P = I)
-        eye = torch.eye(P.shape[-1], dtype=P.dtype, device=P.device)
-        P = torch.where((values[:, :1] <= 0)[:, :, None], eye, P)
-        P_k = P * column_mask(ranks[:, i], P.shape[-1])[:, None, :].to(P.dtype)          # (B, R_i, R_i)
+        P = torch.where((values[:, :1] <= 0)[:, :, None], identity(P.shape[-1], P), P)
+        P_k = torch.where(column_mask(ranks[:, i], P.shape[-1])[:, None, :], P, 0.0)      # (B, R_i, R_i)
         core = batch_mode_dot(core, P_k.mT, i)
         factors.append(U_hat @ P_k)
         rotations.append(P_k)

@@ -21,6 +21,25 @@ GRAM_DROP = 10.0
 NEWTON_SCHULZ_ITERATIONS = 2
 
 
+_CONSTANTS: dict[tuple, Tensor] = {}
+
+
+def identity(n: int, like: Tensor) -> Tensor:
+    """The ``n x n`` identity in ``like``'s dtype and device, made once (no kernel per step)."""
+    key = ("eye", n, like.dtype, like.device)
+    if key not in _CONSTANTS:
+        _CONSTANTS[key] = torch.eye(n, dtype=like.dtype, device=like.device)
+    return _CONSTANTS[key]
+
+
+def positions(n: int, device: torch.device) -> Tensor:
+    """``arange(n)`` on ``device``, made once."""
+    key = ("arange", n, device)
+    if key not in _CONSTANTS:
+        _CONSTANTS[key] = torch.arange(n, device=device)
+    return _CONSTANTS[key]
+
+
 def stack_square(mats: list[Tensor]) -> tuple[Tensor, list[int]]:
     """Stack symmetric batches ``(B_k, m_k, m_k)`` into one ``(sum B_k, M, M)``, ``M = max m_k``, padding each with
     ``-1`` on the diagonal: the padded eigenvalues are negative (never kept) and their eigenvectors stay in the pad."""
@@ -51,17 +70,17 @@ def eigh_descending(mats: list[Tensor]) -> list[tuple[Tensor, Tensor]]:
 
 
 def newton_schulz(Y: Tensor, iterations: int = NEWTON_SCHULZ_ITERATIONS) -> Tensor:
-    """``Y <- Y (3I - Y^T Y) / 2`` repeated: the polar factor of a nearly orthonormal ``Y`` (zero columns stay zero)."""
-    eye = torch.eye(Y.shape[-1], dtype=Y.dtype, device=Y.device)
+    """``Y <- Y (3I - Y^T Y) / 2 = 1.5 Y - 0.5 Y (Y^T Y)`` repeated: the polar factor of a nearly orthonormal ``Y``
+    (zero columns stay zero)."""
     for _ in range(iterations):
-        Y = Y @ (1.5 * eye - 0.5 * (Y.mT @ Y))
+        Y = torch.baddbmm(Y, Y, Y.mT @ Y, beta=1.5, alpha=-0.5)
     return Y
 
 
 def project_out(U: Tensor, Z: Tensor) -> Tensor:
     """``(I - U U^T) Z``, twice for float32 stability."""
-    Z = Z - U @ (U.mT @ Z)
-    return Z - U @ (U.mT @ Z)
+    Z = torch.baddbmm(Z, U, U.mT @ Z, alpha=-1.0)
+    return torch.baddbmm(Z, U, U.mT @ Z, alpha=-1.0)
 
 
 def complement_gram(U: Tensor, D: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
@@ -79,7 +98,7 @@ def complement_basis(U: Tensor, Z: Tensor, values: Tensor, vectors: Tensor, thre
     then orthogonal to ``U`` again and polished by Newton-Schulz. Returns ``Ũ`` and ``k`` ``(B,)``."""
     found = (values > threshold[:, None]).sum(-1)                          # (B,)
     count = torch.minimum(found, max_new)
-    keep = torch.arange(values.shape[-1], device=values.device)[None, :] < count[:, None]         # (B, R)
+    keep = positions(values.shape[-1], values.device)[None, :] < count[:, None]                  # (B, R)
     scale = torch.where(keep, values.clamp_min(torch.finfo(values.dtype).tiny).rsqrt(), 0.0)
     new = Z @ (vectors * scale[:, None, :])
     return newton_schulz(project_out(U, new)), count
@@ -89,5 +108,4 @@ def polar_step(U: Tensor) -> tuple[Tensor, Tensor]:
     """One Newton-Schulz step on a basis and the matrix its core absorbs: ``U' = U (3I - A) / 2``, ``M = (I + A) / 2``
     with ``A = U^T U``, so ``U' M = U (I - (A - I)^2 / 4)``: ``W`` is unchanged to second order in the drift."""
     A = U.mT @ U
-    eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
-    return U @ (1.5 * eye - 0.5 * A), 0.5 * (eye + A)
+    return torch.baddbmm(U, U, A, beta=1.5, alpha=-0.5), torch.lerp(A, identity(A.shape[-1], A), 0.5)

@@ -26,6 +26,8 @@ def batch_fold(matrix: Tensor, mode: int, shape: Sequence[int]) -> Tensor:
 
 def batch_mode_dot(tensor: Tensor, matrix: Tensor, mode: int) -> Tensor:
     """``T_b x_i M_b`` for every b: ``tensor`` (B, n_1, ..., n_d), ``matrix`` (B, m, n_i) -> (B, ..., m, ...)."""
+    if tensor.dim() == 3:                     # a batch of matrices: M T or T M^T, one matmul and no copy
+        return matrix @ tensor if mode == 0 else tensor @ matrix.mT
     shape = list(tensor.shape[1:])
     shape[mode] = matrix.shape[-2]
     return batch_fold(matrix @ batch_unfold(tensor, mode), mode, shape)

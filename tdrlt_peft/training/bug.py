@@ -61,7 +61,7 @@ def augment_group(storages: list[LowRankStorage], bounds: engine.Bounds, adam: d
     if group.matrix:   # both sides share one slicing width at the augmented point
         caps = [min(U.shape[-1] for U in group.factors)] * 2
     new, shifts, augmented = engine.augment(group, k_dirs, caps)
-    bases = [None if U is None else U + N @ S for U, N, S in zip(group.factors, new, shifts)]
+    bases = [None if U is None else torch.baddbmm(U, N, S) for U, N, S in zip(group.factors, new, shifts)]
     point = engine.Group(core=group.core, factors=bases, ranks=augmented, matrix=group.matrix, moments=group.moments)
     return AugmentedGroup(storages, bounds, group, point, qs, factor_moments)
 

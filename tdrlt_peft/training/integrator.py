@@ -156,13 +156,12 @@ class TDLRTIntegrator:
         ok = all_finite(grads + list(also_check or []))
         adam = self.adam if self.core_optimizer == "adam" else None
         groups = self.groups(storages)
-        proposals = []
-        for part, bounds in groups:
-            g = gather(part, with_moments=adam is not None)
-            proposals.append(engine.propose(g.group, g.core_grad, g.k_grads, lr, bounds, adam))
+        gathered = [gather(part, with_moments=adam is not None) for part, _ in groups]
+        proposals = [engine.propose(g.group, g.core_grad, g.k_grads, lr, bounds, adam)
+                     for g, (_, bounds) in zip(gathered, groups)]
         ranks = agree([p.ranks for p in proposals])
-        for (part, _), proposal, agreed in zip(groups, proposals, ranks):
-            write(part, engine.apply(proposal, agreed), ok)
+        for (part, _), g, proposal, agreed in zip(groups, gathered, proposals, ranks):
+            write(part, engine.apply(proposal, agreed), ok, g)
         self._taken += ok
         self._skipped += ~ok
         return ok

@@ -76,8 +76,14 @@ class TDLRTModel(BaseTuner):
         """PEFT's dtype policy: adapters live in the base model's dtype; ``autocast_adapter_dtype=True`` (the
         default of ``get_peft_model`` / ``PeftModel.from_pretrained``) upcasts float16 / bfloat16 adapters to
         float32 (every tensor: factors, core, Adam buffers). The upcast bases, rounded to half precision at
-        creation, are then re-orthonormalised in float32 (``TDLRTLayer.restore_orthonormality``, ΔW unchanged)."""
+        creation, are then re-orthonormalised in float32 (``TDLRTLayer.restore_orthonormality``, ΔW unchanged).
+        PEFT re-wraps upcast ``ParameterDict`` entries as new, trainable parameters: a frozen (inactive) adapter's
+        ``requires_grad`` is put back."""
+        trainable = {name: p.requires_grad for name, p in self.model.named_parameters() if self.prefix in name}
         super()._cast_adapter_dtype(adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+        for name, p in self.model.named_parameters():
+            if name in trainable:
+                p.requires_grad_(trainable[name])
         for module in self.model.modules():
             if isinstance(module, TDLRTLayer) and adapter_name in module.tdlrt_S:
                 module.restore_orthonormality(adapter_name)
