@@ -101,7 +101,8 @@ def _copy(ok: Tensor | None, targets: list[Tensor], new: Tensor, old: Tensor | N
 
 
 def stacked_factor_buffer(factors: list[AdamMoments | None], width: int) -> Tensor:
-    """Inverse of ``engine.factor_views`` on a stacked buffer: ``(B, 4, sum_i n_i, width)``, the weights broadcast to every row."""
+    """Inverse of ``engine.factor_views`` on a stacked buffer: ``(B, 4, sum_i n_i, width)``, the weights broadcast
+    to every row."""
     blocks = []
     for state in factors:
         if state is None:

@@ -53,10 +53,11 @@ def adam_direction(grad: Tensor, state: AdamMoments, betas: tuple[float, float],
                    ) -> tuple[Tensor, AdamMoments]:
     """One Adam update of the moments; returns the step direction ``m / (sqrt(v) + eps)`` and the new state."""
     b1, b2 = betas
-    wm = b1 * state.wm + (1 - b1)
-    wv = b2 * state.wv + (1 - b2)
-    m = (b1 * state.wm * state.m + (1 - b1) * grad) / wm
-    v = (b2 * state.wv * state.v + (1 - b2) * grad * grad) / wv
+    wm = state.wm * b1 + (1 - b1)
+    wv = state.wv * b2 + (1 - b2)
+    # m' = (b1 wm m + (1 - b1) g) / wm',   v' = (b2 wv v + (1 - b2) g^2) / wv'   (fused: fewer kernels)
+    m = torch.addcmul(grad * (1 - b1), state.wm, state.m, value=b1) / wm
+    v = torch.addcmul(state.wv * state.v, grad, grad, value=(1 - b2) / b2) / (wv / b2)
     return m / (v.sqrt() + eps), AdamMoments(m, v, wm, wv)
 
 

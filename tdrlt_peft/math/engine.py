@@ -257,20 +257,23 @@ def truncation_proposal(group: Group, bases: list[Tensor | None], core_hat: Tens
     total = augmented.prod(-1)
     pairs: list[tuple[Tensor, Tensor] | None] = []
     ranks = augmented.clone()
+    shared = None
     for i, U in enumerate(bases):
         if U is None:
             pairs.append(None)
             continue
         _, vectors = next(eig)
-        # σ_j^2 = ||p_j^T Mat_i(Ĉ)||^2: accurate to eps σ_1 (the Gram's eigenvalues only to sqrt(eps) σ_1)
-        values = (vectors.mT @ unfolded[i]).square().sum(-1)
         cap = torch.minimum(torch.minimum(bounds.r_max.clamp_max(U.shape[-1]), augmented[:, i]),
                             total // augmented[:, i].clamp_min(1))
-        ranks[:, i] = truncation_ranks(values, bounds.tau, bounds.r_min, cap, bounds.absolute)
+        if group.matrix and shared is not None:
+            # U S V^T: both sides have the same singular values; one truncated rank, capped by both sides
+            pairs.append((pairs[0][0], vectors))
+            ranks = torch.minimum(shared, cap)[:, None].expand(-1, 2)
+            continue
+        # σ_j^2 = ||p_j^T Mat_i(Ĉ)||^2: accurate to eps σ_1 (the Gram's eigenvalues only to sqrt(eps) σ_1)
+        values = (vectors.mT @ unfolded[i]).square().sum(-1)
+        ranks[:, i] = shared = truncation_ranks(values, bounds.tau, bounds.r_min, cap, bounds.absolute)
         pairs.append((values, vectors))
-    if group.matrix:
-        shared = ranks.min(-1).values                                       # U S V^T: one truncated rank
-        ranks = torch.stack([shared, shared], -1)
     return Proposal(group=group, bases=bases, core=core_hat, augmented=augmented, eig=pairs, ranks=ranks,
                     moments=moments, qs=qs)
 

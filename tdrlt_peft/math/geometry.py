@@ -75,14 +75,14 @@ def truncation_ranks(values: Tensor, tau: Tensor, r_min: Tensor, cap: Tensor, ab
     """Smallest ``k`` with ``sum_{j >= k} σ_j^2 <= (τ ||σ||)^2`` (``<= τ^2`` if absolute), from ``values = σ^2``
     ``(B, m)`` (descending, up to round-off), one rank per row and no host read. ``σ_j <= ZERO_SV_FACTOR eps σ_1``
     counts as zero, so τ = 0 keeps the exact rank, not round-off.
-    Clamped to ``[r_min, cap]`` and at least 1; an all-zero row gives ``r_min`` (clamped the same way)."""
-    values = values.clamp_min(0.0)
+    Clamped to ``[r_min, cap]`` (``cap >= 1``); an all-zero row gives ``r_min`` (clamped the same way)."""
     cutoff = (ZERO_SV_FACTOR * eps(values.dtype)) ** 2 * values.amax(-1, keepdim=True)
-    values = torch.where(values > cutoff, values, 0.0)
+    values = torch.where(values > cutoff, values, 0.0)                      # also clears negative round-off
     tail = values.flip(-1).cumsum(-1).flip(-1)                              # tail[j] = sum_{l >= j} σ_l^2
-    threshold = torch.where(absolute, tau * tau, tau * tau * tail[:, 0])
+    tau2 = tau * tau
+    threshold = torch.where(absolute, tau2, tau2 * tail[:, 0])
     k = (tail > threshold[:, None]).sum(-1)
-    return torch.maximum(torch.minimum(torch.maximum(k, r_min), cap), torch.ones_like(k))
+    return torch.clamp(k, r_min, cap)                                       # cap >= 1: ranks are >= 1
 
 
 def truncation_rank(sigma: Tensor, tau: float, r_min: int, r_max: int, absolute: bool = False) -> int:
@@ -90,8 +90,9 @@ def truncation_rank(sigma: Tensor, tau: float, r_min: int, r_max: int, absolute:
     ``min(r_max, len(sigma))``."""
     values = (sigma.to(compute_dtype(sigma.dtype)) ** 2)[None]
     device = sigma.device
+    cap = max(1, min(r_max, sigma.numel()))
     k = truncation_ranks(values, torch.tensor([tau], dtype=values.dtype, device=device),
-                         torch.tensor([r_min], device=device), torch.tensor([min(r_max, sigma.numel())], device=device),
+                         torch.tensor([r_min], device=device), torch.tensor([cap], device=device),
                          torch.tensor([absolute], device=device))
     return int(k[0])
 
