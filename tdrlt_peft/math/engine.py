@@ -183,32 +183,47 @@ def precondition(group: Group, k_grads: list[Tensor | None], adam: dict | None
     return dirs, factor_views(state, group.k_layout)
 
 
+def stack_modes(mats: list[Tensor]) -> Tensor:
+    """Per-mode batches ``(B, n_i, R)`` as one ``(M B, max_i n_i, R)``, rows zero-padded (a zero row changes no Gram
+    matrix and no projection, so the modes of one width run as one batch)."""
+    n = max(m.shape[-2] for m in mats)
+    padded = [m if m.shape[-2] == n else torch.nn.functional.pad(m, (0, 0, 0, n - m.shape[-2])) for m in mats]
+    return torch.cat(padded) if len(padded) > 1 else padded[0]
+
+
 def augment(group: Group, k_dirs: list[Tensor | None], caps: list[int] | None = None
             ) -> tuple[list[Tensor | None], list[Tensor | None], Tensor]:
     """Step 1: new directions ``Ũ_i`` (B, n_i, R_i, zero past their count) and the shifts ``Σ_i``; returns them
-    and the augmented ranks r̂ (B, d), at most ``caps[i]`` (default: the storage width). One batched eigh for every
-    factorized mode."""
+    and the augmented ranks r̂ (B, d), at most ``caps[i]`` (default: the storage width). The modes of one width are
+    stacked into one batch; one batched eigh for every factorized mode."""
     ranks = group.ranks
+    B = ranks.shape[0]
     eps = torch.finfo(group.core.dtype).eps
-    grams = [None if U is None else complement_gram(U, D, eps) for U, D in zip(group.factors, k_dirs)]
-    eig = iter(eigh_descending([g[1] for g in grams if g is not None]))
-    new: list[Tensor | None] = []
-    shifts: list[Tensor | None] = []
-    augmented = ranks.clone()
-    for i, (U, gram) in enumerate(zip(group.factors, grams)):
-        if U is None:
-            new.append(None)
-            shifts.append(None)
-            continue
-        width = U.shape[-1]
-        cap = width if caps is None else caps[i]
-        max_new = torch.minimum(ranks[:, i], cap - ranks[:, i])             # at most r new columns, within storage
+    classes: dict[tuple[int, int], list[int]] = {}
+    for i, U in enumerate(group.factors):
+        if U is not None:
+            classes.setdefault((U.shape[-1], U.shape[-1] if caps is None else caps[i]), []).append(i)
+    work = []
+    for (width, cap), members in classes.items():
+        U = stack_modes([group.factors[i] for i in members])                  # (M B, n, R)
+        D = stack_modes([k_dirs[i] for i in members])
+        r = torch.cat([ranks[:, i] for i in members]) if len(members) > 1 else ranks[:, members[0]]
+        work.append((width, cap, members, U, r, *complement_gram(U, D, eps)))
+    eig = iter(eigh_descending([w[6] for w in work]))
+    new: list[Tensor | None] = [None] * len(group.factors)
+    shifts: list[Tensor | None] = [None] * len(group.factors)
+    counts = [torch.zeros_like(ranks[:, 0])] * len(group.factors)
+    for width, cap, members, U, r, Z, _, threshold in work:
         values, vectors = next(eig)
-        U_new, count = complement_basis(U, gram[0], values, vectors, gram[2], max_new)
-        new.append(U_new)
-        shifts.append(shift_matrix(ranks[:, i], width, U.dtype))
-        augmented[:, i] = ranks[:, i] + count
-    return new, shifts, augmented
+        max_new = torch.minimum(r, cap - r)                                  # at most r new columns, within storage
+        U_new, count = complement_basis(U, Z, values, vectors, threshold, max_new)
+        shift = shift_matrix(r, width, U.dtype)
+        for j, i in enumerate(members):
+            batch = slice(j * B, (j + 1) * B)
+            new[i] = U_new[batch, : group.factors[i].shape[-2]]
+            shifts[i] = shift[batch]
+            counts[i] = count[batch]
+    return new, shifts, ranks + torch.stack(counts, -1)
 
 
 def pad_core_moments(moments: AdamMoments, old: Tensor) -> AdamMoments:
