@@ -202,7 +202,8 @@ def augment(group: Group, k_dirs: list[Tensor | None], caps: list[int] | None = 
     classes: dict[tuple[int, int], list[int]] = {}
     for i, U in enumerate(group.factors):
         if U is not None:
-            classes.setdefault((U.shape[-1], U.shape[-1] if caps is None else caps[i]), []).append(i)
+            classes.setdefault((U.shape[-1], U.shape[-1] if caps is None else min(caps[i], U.shape[-1])),
+                               []).append(i)
     work = []
     for (width, cap), members in classes.items():
         U = stack_modes([group.factors[i] for i in members])                  # (M B, n, R)

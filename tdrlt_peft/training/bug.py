@@ -161,4 +161,5 @@ def _second_pass_grad(aug: AugmentedGroup) -> Tensor:
         if s.core.grad is None:
             raise RuntimeError(f"TDLRT BUG step: the closure did not backpropagate through adapter {s.name!r}; "
                                "it must recompute the loss on the same batch.")
-    return torch.stack([s.core.grad for s in aug.storages]).to(aug.old.core.dtype)
+    index = tuple(slice(0, w) for w in aug.old.core.shape[1:])              # the step's widths (gather)
+    return torch.stack([s.core.grad[index] for s in aug.storages]).to(aug.old.core.dtype)

@@ -156,7 +156,7 @@ class TDLRTIntegrator:
         ok = all_finite(grads + list(also_check or []))
         adam = self.adam if self.core_optimizer == "adam" else None
         groups = self.groups(storages)
-        gathered = [gather(part, with_moments=adam is not None) for part, _ in groups]
+        gathered = [gather(part, with_moments=adam is not None, full=self.graph is not None) for part, _ in groups]
         proposals = [engine.propose(g.group, g.core_grad, g.k_grads, lr, bounds, adam)
                      for g, (_, bounds) in zip(gathered, groups)]
         ranks = agree([p.ranks for p in proposals])

@@ -94,7 +94,7 @@ class TDLRTOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         backwards, self._backwards.count = self._backwards.count, 0
-        had_grads = any(s.core.grad is not None for s in self.integrator.storages())
+        had_grads = any(p.grad is not None for p in self.param_groups[0]["params"])
         if backwards and not had_grads:
             raise RuntimeError(CONSUMED_MESSAGE)
         found_inf = getattr(self, "found_inf", None)   # set by GradScaler.step (see module docstring)
