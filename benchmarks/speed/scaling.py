@@ -17,6 +17,7 @@ from peft import get_peft_model
 from torch import nn
 
 from tdrlt_peft import TDLRTIntegrator, TuckerAdapterConfig
+from tdrlt_peft.layers import rank_mirror
 from tdrlt_peft.layers.inventory import iter_storages
 
 from .counts import count_step
@@ -66,6 +67,7 @@ def time_integrator(num_adapters: int, rank: int, device: torch.device, warmup: 
     cpu_times: dict[str, list[float]] = {name: [] for name in integrators}
     for i in range(warmup + steps):
         for name, integrator in integrators.items() if i % 2 == 0 else reversed(integrators.items()):
+            rank_mirror.refresh()      # what the forward of a real step does first: exact host widths
             for p, grad in grads:
                 p.grad = grad
             start, cpu_start = clock(device), time.process_time()
@@ -74,7 +76,7 @@ def time_integrator(num_adapters: int, rank: int, device: torch.device, warmup: 
             if i >= warmup:
                 times[name].append(elapsed)
                 cpu_times[name].append(cpu_elapsed)
-    ranks = {r for s in iter_storages(model) for r in s.ranks}
+    ranks = {r for s in iter_storages(model) for r in s.host_ranks()}
     for p, grad in grads:
         p.grad = grad
     counts = count_step(integrators["batched"], 1e-3, device)          # one more (counted) batched step

@@ -137,6 +137,8 @@ class TDLRTIntegrator:
         if not storages:
             self.zero_grad(every_storage)
             return False
+        if storages[0].core.device.type == "cuda":
+            rank_mirror.refresh()      # an earlier copy that has landed (Event.query: never waits)
         try:
             if self.graph is not None:
                 ok = self.graph.run(storages, lr * self.lr_factor, also_check)
