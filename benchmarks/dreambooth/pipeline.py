@@ -1,0 +1,176 @@
+"""The diffusion components the runner needs, from a diffusers folder or hub id, and the three things it does with
+them: encode prompts and images, measure the denoising loss at fixed timesteps and noise, and sample (DDIM).
+
+A folder holds ``unet/``, ``scheduler/``, ``tokenizer/``, ``text_encoder/`` (any ``AutoModel`` text encoder:
+CLIP for Stable Diffusion, MiniLM for the offline base) and optionally ``vae/`` (then the UNet works on VAE
+latents; without it, on pixels). The text encoder is frozen: prompts are encoded once.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from . import RunnerError
+
+MAX_PROMPT_TOKENS = 77
+
+
+@dataclass
+class Components:
+    unet: torch.nn.Module
+    scheduler: object             # the training (noise) scheduler, e.g. DDPMScheduler
+    tokenizer: object
+    text_encoder: torch.nn.Module
+    vae: torch.nn.Module | None
+    source: str
+
+    @property
+    def image_channels(self) -> int:
+        """Channels of the images the model sees: RGB through a VAE, else the UNet's input channels."""
+        return 3 if self.vae is not None else self.unet.config.in_channels
+
+    @property
+    def resolution(self) -> int:
+        """The model's native image size (a VAE downsamples by 2 per block)."""
+        factor = 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 1
+        return int(self.unet.config.sample_size) * factor
+
+
+def load_components(name_or_path: str) -> Components:
+    """Load every component, or raise a RunnerError that says what to do instead."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import AutoModel, AutoTokenizer
+
+    local = Path(name_or_path).expanduser()
+    if local.exists() and not local.is_dir():
+        raise RunnerError(f"--pretrained_model_name_or_path {name_or_path}: a file, not a diffusers folder.")
+    if local.is_dir():
+        missing = [sub for sub in ("unet", "scheduler", "tokenizer", "text_encoder") if not (local / sub).is_dir()]
+        if missing:
+            raise RunnerError(f"--pretrained_model_name_or_path {name_or_path}: not a diffusers folder, it lacks "
+                              f"{', '.join(f'{m}/' for m in missing)} (expected unet/, scheduler/, tokenizer/, "
+                              "text_encoder/ and optionally vae/).")
+    source = str(local) if local.is_dir() else name_or_path
+    try:
+        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet")
+        scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler")
+        tokenizer = AutoTokenizer.from_pretrained(source, subfolder="tokenizer")
+        text_encoder = AutoModel.from_pretrained(source, subfolder="text_encoder")
+        vae = None
+        if local.is_dir() and (local / "vae").is_dir() or not local.is_dir() and _hub_has_vae(source):
+            vae = AutoencoderKL.from_pretrained(source, subfolder="vae")
+    except (OSError, ValueError) as err:
+        if local.is_dir():
+            raise RunnerError(f"cannot load the diffusers folder {name_or_path}: {err}") from err
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+        hint = ("the hub is unreachable here (HF_HUB_OFFLINE is set): pass a local diffusers folder, or omit "
+                "--pretrained_model_name_or_path to use the offline base model" if offline else
+                "check the id and your connection, or pass a local diffusers folder")
+        raise RunnerError(f"cannot load {name_or_path!r} from the Hugging Face hub: {hint}. ({err})") from err
+    for module in (unet, text_encoder, vae):
+        if module is not None:
+            module.requires_grad_(False).eval()
+    return Components(unet, scheduler, tokenizer, text_encoder, vae, source)
+
+
+def _hub_has_vae(repo: str) -> bool:
+    from huggingface_hub import file_exists
+
+    try:
+        return file_exists(repo, "vae/config.json")
+    except Exception:  # offline or unreachable: the loads above already succeeded from the cache
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(repo, "vae/config.json"), str)
+
+
+@torch.no_grad()
+def encode_prompts(c: Components, prompts: list[str]) -> Tensor:
+    """Text encoder's last hidden states ``(P, L, D)``, every prompt padded to the same length ``L``."""
+    length = min(int(getattr(c.tokenizer, "model_max_length", MAX_PROMPT_TOKENS)), MAX_PROMPT_TOKENS)
+    tokens = c.tokenizer(prompts, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
+    inputs = {"input_ids": tokens.input_ids}
+    if "attention_mask" in tokens and "clip" not in type(c.text_encoder).__name__.lower():
+        inputs["attention_mask"] = tokens.attention_mask
+    return c.text_encoder(**inputs).last_hidden_state.float()
+
+
+@torch.no_grad()
+def to_latents(c: Components, pixels: Tensor) -> Tensor:
+    """Pixels ``(N, C, H, W)`` in [-1, 1] -> what the UNet denoises (VAE latents: the mean, times the scale)."""
+    if c.vae is None:
+        return pixels
+    return c.vae.encode(pixels).latent_dist.mode() * c.vae.config.scaling_factor
+
+
+@torch.no_grad()
+def to_pixels(c: Components, latents: Tensor) -> Tensor:
+    if c.vae is None:
+        return latents.clamp(-1, 1)
+    return c.vae.decode(latents / c.vae.config.scaling_factor).sample.clamp(-1, 1)
+
+
+def training_target(scheduler, latents: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
+    """What the UNet predicts: the noise (epsilon), the velocity (v-prediction) or the clean sample."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    if kind == "sample":
+        return latents
+    raise RunnerError(f"scheduler prediction_type {kind!r} is not supported (epsilon, v_prediction, sample).")
+
+
+@torch.no_grad()
+def denoising_loss(unet, scheduler, latents: Tensor, context: Tensor, num_timesteps: int, seed: int = 1234,
+                   batch_size: int = 64) -> float:
+    """Mean squared error of the UNet's prediction on every latent at ``num_timesteps`` fixed timesteps (evenly
+    spaced over the training range) with fixed noise: the same numbers for every model evaluated on them.
+
+    ``latents`` (N, C, H, W); ``context`` (1, L, D), the prompt's encoding.
+    """
+    total = scheduler.config.num_train_timesteps
+    steps = torch.linspace(0.05 * total, 0.95 * total, num_timesteps).round().long()          # (K,)
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn((num_timesteps, *latents.shape), generator=g)                         # (K, N, C, H, W)
+    x0 = latents.unsqueeze(0).expand_as(noise).reshape(-1, *latents.shape[1:])                # (K*N, C, H, W)
+    t = steps.repeat_interleave(len(latents))                                                 # (K*N,)
+    noise = noise.reshape_as(x0)
+    squared, count = 0.0, 0
+    for i in range(0, len(x0), batch_size):
+        part = slice(i, i + batch_size)
+        noisy = scheduler.add_noise(x0[part], noise[part], t[part])
+        pred = unet(noisy, t[part], context.expand(len(noisy), -1, -1)).sample
+        squared += float((pred.float() - training_target(scheduler, x0[part], noise[part], t[part])).pow(2).sum())
+        count += pred.numel()
+    return squared / count
+
+
+@torch.no_grad()
+def sample(c: Components, unet, context: Tensor, uncond: Tensor, n: int, seed: int, steps: int = 25,
+           guidance_scale: float = 3.0, batch_size: int = 32) -> Tensor:
+    """``n`` images ``(n, C, H, W)`` in [-1, 1] for one prompt (DDIM from the training scheduler's config, with
+    classifier-free guidance against ``uncond``, the empty prompt's encoding)."""
+    from diffusers import DDIMScheduler
+
+    scheduler = DDIMScheduler.from_config(c.scheduler.config)
+    scheduler.set_timesteps(steps)
+    size = int(unet.config.sample_size)
+    g = torch.Generator().manual_seed(seed)
+    latents = torch.randn((n, unet.config.in_channels, size, size), generator=g) * scheduler.init_noise_sigma
+    images = []
+    for i in range(0, n, batch_size):
+        x = latents[i:i + batch_size]
+        both = torch.cat([uncond.expand(len(x), -1, -1), context.expand(len(x), -1, -1)])
+        for t in scheduler.timesteps:
+            pred = unet(scheduler.scale_model_input(torch.cat([x, x]), t), t, both).sample
+            free, cond = pred.chunk(2)
+            x = scheduler.step(free + guidance_scale * (cond - free), t, x).prev_sample
+        images.append(to_pixels(c, x))
+    return torch.cat(images)
