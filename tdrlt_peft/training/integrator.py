@@ -154,11 +154,12 @@ class TDLRTIntegrator:
     def parallel_step(self, storages: list[LowRankStorage], lr: float | Tensor, also_check: list[Tensor] | None
                       ) -> Tensor:
         """The step's device work (what a CUDA graph captures): returns ``ok``."""
-        grads = [p.grad for s in storages for p in s.parameters() if p.grad is not None]
-        ok = all_finite(grads + list(also_check or []))
         adam = self.adam if self.core_optimizer == "adam" else None
         groups = self.groups(storages)
         gathered = [gather(part, with_moments=adam is not None, full=self.graph is not None) for part, _ in groups]
+        # the stacked gradients hold every nonzero entry (past the step's widths they are zero)
+        grads = [t for g in gathered for t in (g.core_grad, *g.k_grads) if t is not None]
+        ok = all_finite(grads + list(also_check or []))
         proposals = [engine.propose(g.group, g.core_grad, g.k_grads, lr, bounds, adam)
                      for g, (_, bounds) in zip(gathered, groups)]
         ranks = agree([p.ranks for p in proposals])
