@@ -123,6 +123,17 @@ def test_upcast_keeps_an_inactive_adapter_frozen():
     assert not any(v for n, v in flags.items() if n.endswith(".other"))   # (older peft: add_adapter does not upcast)
 
 
+def test_upcast_repair_leaves_a_float32_adapter_bit_for_bit():
+    """Only bases rounded to half precision are repaired: a loaded float32 adapter (Trainer resume) is untouched."""
+    model = mlp_model()
+    U = model.base_model.model.lin0.tdlrt_U["default"]
+    with torch.no_grad():
+        U[:, 0] *= 1 + 1e-5                       # off the manifold at float32's tolerance, not a half value
+    before = U.detach().clone()
+    model.base_model._cast_adapter_dtype("default")
+    assert not in_manifold(U[:, :2]) and torch.equal(U, before)
+
+
 def test_float32_and_float64_models_keep_their_dtype():
     for dtype in (torch.float32, torch.float64):
         for autocast in (True, False):

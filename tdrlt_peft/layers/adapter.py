@@ -133,9 +133,10 @@ class TDLRTLayer(AdapterScaling, nn.Module, BaseTunerLayer):
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
     @torch.no_grad()
-    def restore_orthonormality(self, adapter: str) -> list[int]:
+    def restore_orthonormality(self, adapter: str, rounded_only: bool = False) -> list[int]:
         """Re-orthonormalise the active bases of ``adapter`` that fail ``in_manifold`` at their own dtype, with
-        ΔW unchanged (``U = Q R``, the core takes ``R``); returns the repaired modes.
+        ΔW unchanged (``U = Q R``, the core takes ``R``); returns the repaired modes. ``rounded_only``: only bases
+        whose every entry is a bfloat16 / float16 value (rounded to half precision, then upcast).
 
         PEFT's float32 upcast of half-precision factors leaves bases that are orthonormal only to half precision
         (max |U^T U - I| ~ 1e-3 against float32's tolerance ~ 1e-6); this restores float32 accuracy. Adam moments
@@ -151,7 +152,7 @@ class TDLRTLayer(AdapterScaling, nn.Module, BaseTunerLayer):
         new_factors: list[Tensor | None] = []
         repaired: list[int] = []
         for i, U in enumerate(factors):
-            if U is None or in_manifold(U):
+            if U is None or in_manifold(U) or (rounded_only and not half_rounded(U)):
                 new_factors.append(None if U is None else U.to(work, copy=True))
                 continue
             Q, R = orthonormalize(U.to(work))
@@ -233,6 +234,11 @@ class Linear(TDLRTLayer):
 
 
 STORAGE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def half_rounded(U: Tensor) -> bool:
+    """Whether every entry of ``U`` is exactly a bfloat16 or a float16 value (it was stored in half precision)."""
+    return any(torch.equal(U, U.to(half).to(U.dtype)) for half in (torch.bfloat16, torch.float16))
 
 
 def storage_dtype(weight_dtype: torch.dtype) -> torch.dtype:

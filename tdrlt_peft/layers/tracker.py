@@ -38,9 +38,9 @@ MISSING_STEP_MESSAGE = (
     "`TDLRTIntegrator(model).step(lr)` after backward and keep the adapter factors out of your optimizer."
 )
 
-# id(factor) -> tracker, for every tracker with a backward not yet consumed by the integrator (weak: a dropped
-# model leaves nothing behind)
-_PENDING: weakref.WeakValueDictionary[int, StepTracker] = weakref.WeakValueDictionary()
+# id(factor) -> (factor, tracker), both weak, for every tracker with a backward not yet consumed by the integrator;
+# the hook checks the factor's identity (an id can be reused once its tensor is gone)
+_PENDING: dict[int, tuple[weakref.ref, weakref.ref]] = {}
 
 
 @dataclass(eq=False)
@@ -62,13 +62,14 @@ class StepTracker:
         self.pending = True
         self.version = factor._version
         self.factor_id = id(factor)
-        _PENDING[self.factor_id] = self
+        _PENDING[self.factor_id] = (weakref.ref(factor), weakref.ref(self))
 
     def after_step(self) -> None:
         """The integrator consumed (or deliberately discarded) the gradients: nothing is pending."""
         self.pending = False
         self.stepped = False
-        if _PENDING.get(self.factor_id) is self:
+        entry = _PENDING.get(self.factor_id)
+        if entry is not None and entry[1]() is self:
             del _PENDING[self.factor_id]
 
     def check(self, factor: Tensor, where: str) -> None:
@@ -87,11 +88,14 @@ def _after_optimizer_step(optimizer: torch.optim.Optimizer, args, kwargs) -> Non
     """Global optimizer step post-hook: flag pending adapters whose factor this optimizer holds with a gradient."""
     if not _PENDING:
         return
+    for key, (factor, tracker) in list(_PENDING.items()):   # forget adapters that are gone
+        if factor() is None or tracker() is None:
+            del _PENDING[key]
     for group in optimizer.param_groups:
         for p in group["params"]:
-            tracker = _PENDING.get(id(p))
-            if tracker is not None and p.grad is not None:
-                tracker.stepped = True
+            entry = _PENDING.get(id(p))
+            if entry is not None and entry[0]() is p and p.grad is not None:
+                entry[1]().stepped = True
 
 
 _HOOK = register_optimizer_step_post_hook(_after_optimizer_step)

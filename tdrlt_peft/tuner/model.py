@@ -76,7 +76,8 @@ class TDLRTModel(BaseTuner):
         """PEFT's dtype policy: adapters live in the base model's dtype; ``autocast_adapter_dtype=True`` (the
         default of ``get_peft_model`` / ``PeftModel.from_pretrained``) upcasts float16 / bfloat16 adapters to
         float32 (every tensor: factors, core, Adam buffers). The upcast bases, rounded to half precision at
-        creation, are then re-orthonormalised in float32 (``TDLRTLayer.restore_orthonormality``, ΔW unchanged).
+        creation or saved from a half-precision adapter, are then re-orthonormalised in float32
+        (``TDLRTLayer.restore_orthonormality``, ΔW unchanged); a float32 adapter is left bit for bit (Trainer resume).
         PEFT re-wraps upcast ``ParameterDict`` entries as new, trainable parameters: a frozen (inactive) adapter's
         ``requires_grad`` is put back."""
         trainable = {name: p.requires_grad for name, p in self.model.named_parameters() if self.prefix in name}
@@ -86,7 +87,7 @@ class TDLRTModel(BaseTuner):
                 p.requires_grad_(trainable[name])
         for module in self.model.modules():
             if isinstance(module, TDLRTLayer) and adapter_name in module.tdlrt_S:
-                module.restore_orthonormality(adapter_name)
+                module.restore_orthonormality(adapter_name, rounded_only=True)
 
     def update_rank_pattern(self, adapter_name: str = "default") -> dict:
         """Record the current ranks in ``peft_config[adapter_name].rank_pattern`` (saved with the adapter)."""
