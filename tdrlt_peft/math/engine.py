@@ -266,14 +266,25 @@ def truncation_proposal(group: Group, bases: list[Tensor | None], core_hat: Tens
     """The eigenvectors ``P_i`` of ``Mat_i(Ĉ) Mat_i(Ĉ)^T`` (one batched call; positions past r̂_i get eigenvalue
     -1, never chosen), the squared singular values ``||P_i^T Mat_i(Ĉ)||^2`` per column and the tau-rule ranks,
     capped by ``min(r_max, R_i, r̂_i, prod_{j != i} r̂_j)`` (shared by BUG)."""
-    unfolded = [None if U is None else batch_unfold(core_hat, i) for i, U in enumerate(bases)]
+    if group.matrix:                          # Mat_1(Ĉ) = Ĉ, Mat_2(Ĉ) = Ĉ^T: no unfolding copies
+        unfolded = [core_hat, core_hat.mT]
+    else:
+        unfolded = [None if U is None else batch_unfold(core_hat, i) for i, U in enumerate(bases)]
     grams = [M @ M.mT - torch.diag_embed((~column_mask(augmented[:, i], M.shape[1])).to(M.dtype))
              for i, M in enumerate(unfolded) if M is not None]
     eig = iter(eigh_descending(grams))
+    if group.matrix:
+        # U S V^T: both sides have the same singular values; one truncated rank, capped by both sides
+        (_, left), (_, right) = next(eig), next(eig)
+        values = (left.mT @ core_hat).square().sum(-1)
+        cap = torch.minimum(bounds.r_max.clamp_max(min(U.shape[-1] for U in bases)), augmented.amin(-1))
+        k = truncation_ranks(values, bounds.tau, bounds.r_min, cap, bounds.absolute)
+        return Proposal(group=group, bases=bases, core=core_hat, augmented=augmented,
+                        eig=[(values, left), (values, right)], ranks=k[:, None].expand(-1, 2), moments=moments,
+                        qs=qs)
     total = augmented.prod(-1)
     pairs: list[tuple[Tensor, Tensor] | None] = []
     ranks = augmented.clone()
-    shared = None
     for i, U in enumerate(bases):
         if U is None:
             pairs.append(None)
@@ -281,14 +292,9 @@ def truncation_proposal(group: Group, bases: list[Tensor | None], core_hat: Tens
         _, vectors = next(eig)
         cap = torch.minimum(torch.minimum(bounds.r_max.clamp_max(U.shape[-1]), augmented[:, i]),
                             total // augmented[:, i].clamp_min(1))
-        if group.matrix and shared is not None:
-            # U S V^T: both sides have the same singular values; one truncated rank, capped by both sides
-            pairs.append((pairs[0][0], vectors))
-            ranks = torch.minimum(shared, cap)[:, None].expand(-1, 2)
-            continue
         # σ_j^2 = ||p_j^T Mat_i(Ĉ)||^2: accurate to eps σ_1 (the Gram's eigenvalues only to sqrt(eps) σ_1)
         values = (vectors.mT @ unfolded[i]).square().sum(-1)
-        ranks[:, i] = shared = truncation_ranks(values, bounds.tau, bounds.r_min, cap, bounds.absolute)
+        ranks[:, i] = truncation_ranks(values, bounds.tau, bounds.r_min, cap, bounds.absolute)
         pairs.append((values, vectors))
     return Proposal(group=group, bases=bases, core=core_hat, augmented=augmented, eig=pairs, ranks=ranks,
                     moments=moments, qs=qs)

@@ -118,7 +118,8 @@ class TDLRTOptimizer(torch.optim.Optimizer):
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear every gradient in ``param_groups`` (the factors' too; no TDLRT step is then pending)."""
         super().zero_grad(set_to_none=set_to_none)
-        self.integrator.zero_grad()
+        if self._backwards.count:    # a backward since the last step: its TDLRT gradients are discarded
+            self.integrator.zero_grad()
         self._backwards.count = 0
 
     # ----------------------------------------------------------------- state
