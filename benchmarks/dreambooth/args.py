@@ -53,19 +53,20 @@ def parser() -> argparse.ArgumentParser:
     methods.add_argument("--lora_r", nargs="+", type=int, default=[1, 2, 4, 8], help="LoRA ranks (one run each).")
     methods.add_argument("--loha_r", nargs="+", type=int, default=[2], help="LoHa ranks.")
     methods.add_argument("--lokr_r", nargs="+", type=int, default=[4], help="LoKr ranks.")
-    methods.add_argument("--tau", nargs="+", type=float, default=[0.15, 0.3, 0.45], help=(
+    methods.add_argument("--tau", nargs="+", type=float, default=[0.3, 0.45, 0.6], help=(
         "TDLRT truncation tolerances (one run each; settings chosen on the tuning split, see README)."))
     methods.add_argument("--tdlrt_r", type=int, default=4, help="TDLRT initial rank.")
     methods.add_argument("--tdlrt_r_max", type=int, default=16, help="TDLRT largest rank.")
     methods.add_argument("--tdlrt_scale", type=float, default=1.0, help="TDLRT output scale.")
-    methods.add_argument("--tdlrt_learning_rate", type=float, default=None, help=(
-        "Learning rate of the TDLRT step (default: --learning_rate)."))
+    methods.add_argument("--tdlrt_learning_rate", type=float, default=1e-3, help=(
+        "Learning rate of the TDLRT step (tuned, see README; --learning_rate is the other methods')."))
     methods.add_argument("--target_modules", nargs="+", default=None, help=(
         f"Modules to adapt (suffix match), for every method. Default: those of {' '.join(DEFAULT_TARGETS)} "
         "that the UNet has."))
     train = p.add_argument_group("training")
     train.add_argument("--max_train_steps", type=int, default=100, help="Optimizer steps per run.")
-    train.add_argument("--learning_rate", type=float, default=1e-3, help="Learning rate (constant).")
+    train.add_argument("--learning_rate", type=float, default=6e-4, help=(
+        "Learning rate (constant) of LoRA, LoHa, LoKr (tuned for LoRA, see README)."))
     train.add_argument("--train_batch_size", type=int, default=2, help=(
         "Instance images per step (as many class images again with prior preservation)."))
     train.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping norm (0: none).")
@@ -75,7 +76,8 @@ def parser() -> argparse.ArgumentParser:
         "Fixed timesteps (with fixed noise) of the denoising losses."))
     evaluation.add_argument("--num_samples", type=int, default=4, help="Samples per row of the sample grid.")
     evaluation.add_argument("--num_inference_steps", type=int, default=25, help="DDIM steps for sampling.")
-    evaluation.add_argument("--guidance_scale", type=float, default=3.0, help="Classifier-free guidance scale.")
+    evaluation.add_argument("--guidance_scale", type=float, default=1.0, help=(
+        "Classifier-free guidance scale (1: none; the offline base samples best without)."))
     evaluation.add_argument("--output_dir", default="outputs/dreambooth", help=(
         "Run JSONs (runs/), results.md, the plots, samples/ and class_images/ go here; the report covers every "
         "run JSON in runs/."))

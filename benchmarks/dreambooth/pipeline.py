@@ -154,7 +154,7 @@ def denoising_loss(unet, scheduler, latents: Tensor, context: Tensor, num_timest
 
 @torch.no_grad()
 def sample(c: Components, unet, context: Tensor, uncond: Tensor, n: int, seed: int, steps: int = 25,
-           guidance_scale: float = 3.0, batch_size: int = 32) -> Tensor:
+           guidance_scale: float = 1.0, batch_size: int = 32) -> Tensor:
     """``n`` images ``(n, C, H, W)`` in [-1, 1] for one prompt (DDIM from the training scheduler's config, with
     classifier-free guidance against ``uncond``, the empty prompt's encoding)."""
     from diffusers import DDIMScheduler
@@ -167,10 +167,14 @@ def sample(c: Components, unet, context: Tensor, uncond: Tensor, n: int, seed: i
     images = []
     for i in range(0, n, batch_size):
         x = latents[i:i + batch_size]
-        both = torch.cat([uncond.expand(len(x), -1, -1), context.expand(len(x), -1, -1)])
+        guided = guidance_scale != 1.0       # 1: the conditional prediction alone (no second pass)
+        both = torch.cat([uncond.expand(len(x), -1, -1), context.expand(len(x), -1, -1)]) if guided else \
+            context.expand(len(x), -1, -1)
         for t in scheduler.timesteps:
-            pred = unet(scheduler.scale_model_input(torch.cat([x, x]), t), t, both).sample
-            free, cond = pred.chunk(2)
-            x = scheduler.step(free + guidance_scale * (cond - free), t, x).prev_sample
+            pred = unet(scheduler.scale_model_input(torch.cat([x, x]) if guided else x, t), t, both).sample
+            if guided:
+                free, pred = pred.chunk(2)
+                pred = free + guidance_scale * (pred - free)
+            x = scheduler.step(pred, t, x).prev_sample
         images.append(to_pixels(c, x))
     return torch.cat(images)

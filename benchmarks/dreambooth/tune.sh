@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The tuning sweep behind the offline default's settings (README "Tuning"): the tuning split (32 training-set
+# ankle boots that are not instance images), seed 10, prior loss on the generated class images; never the
+# held-out report split. Usage: bash benchmarks/dreambooth/tune.sh [OUT [ARGS...]]  (one results.md per setting in OUT/)
+set -euo pipefail
+OUT=${1:-outputs/dreambooth-tuning}
+shift || true      # the remaining arguments go to every tuning run
+SUBJECT=${TDRLT_CACHE:-$HOME/.cache/tdrlt_peft}/fashion-mnist-subject
+COMMON=(--seeds 10 --validation_data_dir "$SUBJECT/tuning" --class_data_dir "$OUT/class_images")
+# class images first (the prior-evaluation folder must exist before the sweep points at it)
+python -m benchmarks.dreambooth --method lora --lora_r 1 --max_train_steps 1 "${COMMON[@]}" \
+  --prior_eval_data_dir "$SUBJECT/instance" --output_dir "$OUT/init" > /dev/null
+COMMON+=(--prior_eval_data_dir "$OUT/class_images")
+for lr in ${LRS:-1e-3 3e-3}; do
+  # shellcheck disable=SC2086
+  python -m benchmarks.dreambooth --method tdlrt lora --lora_r ${RANKS:-2 8} --tau ${TAUS:-0.15 0.3 0.45} \
+    --learning_rate "$lr" --tdlrt_learning_rate "$lr" \
+    "${COMMON[@]}" --output_dir "$OUT/lr$lr" "$@"
+done
