@@ -25,13 +25,17 @@ class TDLRTCallback(TrainerCallback):
     Args:
         lr_factor: multiplies the learning rate of the step (on top of the config's ``core_lr_factor``).
         cuda_graph: capture the integrator step in a CUDA graph (``cuda_graph.py``: one CUDA device, one process).
+        grouping: how the integrator groups adapters (``TDLRTIntegrator``; ``"auto"``: padded on a GPU, by shape
+            on a CPU).
         log_ranks: add ``tdlrt/mean_rank``, ``tdlrt/min_rank``, ``tdlrt/max_rank`` and ``tdlrt/active_params``
             to every Trainer log (console, TensorBoard, W&B, ``state.log_history``).
     """
 
-    def __init__(self, lr_factor: float = 1.0, log_ranks: bool = True, cuda_graph: bool = False):
+    def __init__(self, lr_factor: float = 1.0, log_ranks: bool = True, cuda_graph: bool = False,
+                 grouping: str = "auto"):
         self.lr_factor = lr_factor
         self.cuda_graph = cuda_graph
+        self.grouping = grouping
         self.log_ranks = log_ranks
         self.integrator: TDLRTIntegrator | None = None
 
@@ -49,7 +53,8 @@ class TDLRTCallback(TrainerCallback):
             model, core_optimizer=getattr(config, "core_optimizer", "adam"),
             betas=tuple(getattr(config, "adam_betas", (0.9, 0.999))), eps=getattr(config, "adam_eps", 1e-8),
             weight_decay=getattr(config, "core_weight_decay", 0.0),
-            lr_factor=getattr(config, "core_lr_factor", 1.0) * self.lr_factor, cuda_graph=self.cuda_graph)
+            lr_factor=getattr(config, "core_lr_factor", 1.0) * self.lr_factor, cuda_graph=self.cuda_graph,
+            grouping=self.grouping)
         _move_to_front(self)
 
     def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
