@@ -255,8 +255,13 @@ def write(storages: list[LowRankStorage], new: Group, ok: Tensor | None = None, 
     stacked = state_tensors(new, layout, k_moments)
     ranks = new.ranks
     if ok is not None:
-        flat = torch.cat([t.reshape(-1) for t in stacked])
-        stacked = carve(torch.where(ok, flat, old.state), [tuple(t.shape) for t in stacked])
+        shapes = [tuple(t.shape) for t in stacked]
+        if new.core.device.type == "cuda":
+            # one kernel: a GPU pays per launch (the concatenation is one more pass over the state)
+            stacked = carve(torch.where(ok, torch.cat([t.reshape(-1) for t in stacked]), old.state), shapes)
+        else:
+            # one pass per kind: a CPU pays per byte
+            stacked = [torch.where(ok, t, o) for t, o in zip(stacked, carve(old.state, shapes))]
         ranks = torch.where(ok, ranks, old.group.ranks)
     mine, theirs = adapter_views(storages, stacked, layout)
     torch._foreach_copy_(mine + [s.rank_buffer for s in storages], theirs + list(ranks.unbind(0)))
