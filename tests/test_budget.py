@@ -228,6 +228,25 @@ def test_saved_budget_adapter_loads_with_its_budget_and_a_legacy_config_loads_wi
     torch.testing.assert_close(legacy(x), model(x))
 
 
+def test_an_adapter_without_a_step_still_counts_in_the_budget():
+    torch.manual_seed(0)
+    target = 400                            # lin0 (20 x 10) holds up to 304, lin1 (20 x 20) up to 384 at r_max 8
+    model = get_peft_model(MLP(10, 20, 3), TuckerAdapterConfig(target_modules=["lin0", "lin1"], r=2, r_max=8,
+                                                               target_params=target))
+    train_mlp(model, steps=4)
+    frozen = {name: r for name, r in adapter_ranks(model).items() if name.endswith("lin0")}
+    model.base_model.model.lin0.requires_grad_(False)       # lin0 gets no gradient: only lin1 is stepped
+    g = torch.Generator().manual_seed(1)
+    integrator = TDLRTIntegrator(model)
+    for _ in range(4):
+        model(torch.randn(32, 10, generator=g)).square().mean().backward()
+        integrator.step(0.5)
+        model.zero_grad()
+        assert active(model) <= target
+    assert {name: r for name, r in adapter_ranks(model).items() if name.endswith("lin0")} == frozen
+    assert active(model) > 0.9 * target
+
+
 # ----------------------------------------------------------------------------- factorize
 def low_rank_net(seed=0):
     torch.manual_seed(seed)

@@ -73,15 +73,16 @@ def fit_initial_ranks(storages: list[LowRankStorage], budget: ParameterBudget) -
         return sum(parameter_count(sizes_of(s), factored_of(s), capped(s, cap)) for s in storages)
 
     def capped(s: LowRankStorage, cap: int) -> list[int]:
-        return [max(min(r, cap), min(s.bounds.r_min, r)) if f else r for r, f in zip(s.host_ranks(), factored_of(s))]
+        return [max(min(r, cap), min(s.bounds.r_min, r)) if f else r for r, f in zip(s.ranks, factored_of(s))]
 
-    top = max(r for s in storages for r, f in zip(s.host_ranks(), factored_of(s)) if f)
+    # the host mirrors are exact at creation (no step yet), also on the meta device
+    top = max(r for s in storages for r, f in zip(s.ranks, factored_of(s)) if f)
     if total(top) <= budget.target:
         return
     cap = next((c for c in range(top - 1, 0, -1) if total(c) <= budget.target), 1)
     for s in storages:
         ranks = capped(s, cap)
-        if ranks == s.host_ranks():
+        if ranks == s.ranks:
             continue
         core = s.core[tuple(slice(0, r) for r in ranks)]
         s.write(core, [None if U is None else U[:, :r] for U, r in zip(s.factors, ranks)], None)
@@ -94,7 +95,9 @@ class BudgetRule:
     def __init__(self, groups: list[tuple[list[LowRankStorage], engine.Bounds]], budget: ParameterBudget,
                  outside: list[LowRankStorage]):
         self.budget = budget
-        self.outside = outside          # adapters of the budget without a step now: their parameters still count
+        # adapters of the budget without a step now: their parameters still count (rank buffer, sizes n_i or 0)
+        self.outside = [(s.rank_buffer, torch.tensor([n if f else 0 for n, f in zip(sizes_of(s), factored_of(s))],
+                                                     device=s.core.device)) for s in outside]
         self.tensors = []
         for part, _ in groups:
             device = part[0].core.device
@@ -117,9 +120,8 @@ class BudgetRule:
     def outside_parameters(self) -> Tensor | int:
         """The active parameters of the budget's adapters that are not stepped (from their rank buffers)."""
         count = 0
-        for s in self.outside:
-            n = torch.tensor([n if f else 0 for n, f in zip(sizes_of(s), factored_of(s))], device=s.core.device)
-            count = count + s.rank_buffer.prod() + (n * s.rank_buffer).sum()
+        for ranks, sizes in self.outside:
+            count = count + ranks.prod() + (sizes * ranks).sum()
         return count
 
 
