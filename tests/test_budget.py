@@ -173,6 +173,25 @@ def test_tucker_conv_adapters_stay_within_the_budget():
     assert max(counts) <= target and counts[-1] >= 0.9 * target, counts
 
 
+def test_the_budget_adds_a_constant_number_of_ops_per_step_not_per_adapter():
+    from benchmarks.speed.counts import count_step
+    from benchmarks.speed.minilm import MINILM_TARGETS, backward, minilm, minilm_batch
+
+    ops = {}
+    # 12 and 24 adapters in the same 3 groups of >= 2 (a group of one skips a copy); the first run only fills the
+    # engine's caches of constants; r = 4 fits the budget (27,744 per layer), so the engine does the same work
+    for layers, target in [(2, None), (2, None), (2, 80_000), (4, None), (4, 160_000)]:
+        model = get_peft_model(minilm(layers), TuckerAdapterConfig(target_modules=MINILM_TARGETS, r=4, r_max=32,
+                                                                   target_params=target))
+        integrator = TDLRTIntegrator(model)
+        backward(model, minilm_batch())
+        counts = count_step(integrator, 1e-3, "cpu")
+        assert counts["host_reads"] == 0
+        ops[layers, target is not None] = counts["compute_ops"]
+    overhead = [ops[layers, True] - ops[layers, False] for layers in (2, 4)]
+    assert overhead[0] == overhead[1] and 0 < overhead[0] <= 150, ops
+
+
 # ----------------------------------------------------------------------------- refused budgets
 def mlp_config(**kwargs):
     return TuckerAdapterConfig(target_modules=["lin0", "lin1"], r=2, r_min=1, r_max=4, **kwargs)
