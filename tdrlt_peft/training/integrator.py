@@ -10,7 +10,9 @@ Usage in a plain PyTorch loop::
 
 The step runs the engine of ``math/engine.py`` once per group of same-shaped adapters and never reads a value on
 the host: whether the gradients are finite, the ranks and every write are decided on the device (a step with a
-non-finite gradient writes the old values back). Under ``torch.distributed`` the ranks chosen on process 0 are
+non-finite gradient writes the old values back). Adapters with a parameter budget (``target_params``) take their
+ranks from one decision over all of them (``layers/budget.py``, ``math/budget.py``) instead of their tau rule,
+before the agreement. Under ``torch.distributed`` the ranks chosen on process 0 are
 broadcast in one collective, so every process truncates identically. The Python rank mirrors that the forward
 slices with (``layers/rank_mirror.py``) follow from one non-blocking copy.
 """
