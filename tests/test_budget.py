@@ -140,6 +140,24 @@ def test_real_steps_stay_within_the_budget_and_fill_it(bug):
     assert len({r for ranks in adapter_ranks(model).values() for r in ranks}) > 1     # not one uniform rank
 
 
+def test_padded_groups_take_the_same_budget_decision():
+    # "padded" (the GPU default) steps the 32- and 64-row adapters as one group: sizes and caps are per adapter
+    runs = []
+    for grouping in ("shape", "padded"):
+        torch.manual_seed(0)
+        model = get_peft_model(tiny_deberta(), TuckerAdapterConfig(r=4, r_max=16, target_params=5000))
+        integrator = TDLRTIntegrator(model, grouping=grouping)
+        counts = []
+        for batch in deberta_batches(4):
+            model(**batch).loss.backward()
+            integrator.step(1e-2)
+            model.zero_grad()
+            counts.append(active(model))
+        runs.append((len(integrator.groups(integrator.storages())), counts, adapter_ranks(model)))
+    assert (runs[0][0], runs[1][0]) == (3, 1)
+    assert runs[0][1:] == runs[1][1:]
+
+
 def test_a_budget_that_binds_nowhere_takes_the_tau_zero_step():
     ranks = []
     for target in (None, 17_408):

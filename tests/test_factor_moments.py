@@ -15,7 +15,8 @@ from torch import nn
 from tdrlt_peft import TDLRTIntegrator, TuckerAdapterConfig
 from tdrlt_peft.layers.inventory import iter_storages
 from tdrlt_peft.math.adam import AdamMoments, transport_columns
-from tdrlt_peft.math.engine import column_mask, column_transport
+from tdrlt_peft.math.group_moments import column_transport
+from tdrlt_peft.math.masks import column_mask
 from tdrlt_peft.math.tucker import unfold
 
 F64 = torch.float64

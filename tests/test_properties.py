@@ -111,8 +111,9 @@ def run_step(problem):
     factors, core, G, core_grad, k_grads, group = build_step(problem)
     adam = {"betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0} if group.moments is not None else None
     b = problem["bounds"]
+    caps = problem["widths"]
     bounds = engine.Bounds(torch.tensor([b.tau], dtype=F64), torch.tensor([b.r_min]), torch.tensor([b.r_max]),
-                           torch.tensor([b.absolute]))
+                           torch.tensor([b.absolute]), torch.tensor([caps]))
     proposal = engine.propose(group, core_grad, k_grads, problem["lr"], bounds, adam)
     new = engine.apply(proposal, proposal.ranks)
     active = ActiveProposal(proposal)

@@ -23,6 +23,8 @@ from .minilm import count_minilm_step
 
 TARGETS = {"compute_ops": 300, "linalg_calls": 12, "host_reads": 0, "doubling_growth": 0.10}
 OPTIMIZERS = ("adam", "sgd")
+GROUPINGS = ("padded", "shape")            # the GPU's and the CPU's default grouping (TDLRTIntegrator "auto")
+MODES = [(o, g) for g in GROUPINGS for o in OPTIMIZERS]
 LAYERS, QUICK_LAYERS = (6, 12, 24, 48), (6, 12)
 DISTINCT_RANKS, QUICK_DISTINCT_RANKS = (1, 2, 4, 8), (1, 8)
 
@@ -42,11 +44,14 @@ def sweep(device: torch.device | str = "cpu", quick: bool = False) -> dict:
     try:
         layers, ranks = (QUICK_LAYERS, QUICK_DISTINCT_RANKS) if quick else (LAYERS, DISTINCT_RANKS)
         results: dict = {"device": str(device), "torch": torch.__version__, "targets": TARGETS}
-        results["against_adapters"] = [count_minilm_step(n, 8, o, device=device) for n in layers for o in OPTIMIZERS]
-        results["against_ranks"] = [count_minilm_step(6, k, o, device=device) for k in ranks for o in OPTIMIZERS]
-        results["steady_state"] = [count_minilm_step(6, 8, o, warmup_steps=2, device=device) for o in OPTIMIZERS]
-        by = {(p["num_layers"], p["core_optimizer"]): p for p in results["against_adapters"]}
-        results["check"] = {o: check_targets(by[6, o], by[12, o]) for o in OPTIMIZERS}
+        results["against_adapters"] = [count_minilm_step(n, 8, o, device=device, grouping=g)
+                                       for n in layers for o, g in MODES]
+        results["against_ranks"] = [count_minilm_step(6, k, o, device=device, grouping=g)
+                                    for k in ranks for o, g in MODES]
+        results["steady_state"] = [count_minilm_step(6, 8, o, warmup_steps=2, device=device, grouping=g)
+                                   for o, g in MODES]
+        by = {(p["num_layers"], p["core_optimizer"], p["grouping"]): p for p in results["against_adapters"]}
+        results["check"] = {f"{o} {g}": check_targets(by[6, o, g], by[12, o, g]) for o, g in MODES}
     finally:
         torch.set_num_threads(threads)
     results["wall_s"] = round(time.perf_counter() - start, 1)
@@ -54,12 +59,12 @@ def sweep(device: torch.device | str = "cpu", quick: bool = False) -> dict:
 
 
 def _table(points: list[dict], key: str) -> list[str]:
-    head = " | ".join(f"{o} {m}" for o in OPTIMIZERS for m in ("ops", "linalg", "host reads"))
-    rows = [f"| {key.replace('_', ' ')} | {head} |", "|---:|" + "---:|" * 3 * len(OPTIMIZERS)]
+    head = " | ".join(f"{o} {g} {m}" for o, g in MODES for m in ("ops", "linalg", "host reads"))
+    rows = [f"| {key.replace('_', ' ')} | {head} |", "|---:|" + "---:|" * 3 * len(MODES)]
     for value in dict.fromkeys(p[key] for p in points):
         cells = []
-        for o in OPTIMIZERS:
-            p = next(q for q in points if q[key] == value and q["core_optimizer"] == o)
+        for o, g in MODES:
+            p = next(q for q in points if q[key] == value and q["core_optimizer"] == o and q["grouping"] == g)
             cells += [str(p["compute_ops"]), str(p["linalg_calls"]), str(p["host_reads"])]
         rows.append(f"| {value} | {' | '.join(cells)} |")
     return rows
@@ -67,7 +72,8 @@ def _table(points: list[dict], key: str) -> list[str]:
 
 def _label(p: dict) -> str:
     steady = f", after {p['warmup_steps']} steps" if p["warmup_steps"] else ""
-    return f"{p['num_adapters']} adapters, distinct ranks {p['distinct_ranks']}, {p['core_optimizer']}{steady}"
+    return (f"{p['num_adapters']} adapters, distinct ranks {p['distinct_ranks']}, {p['core_optimizer']}, "
+            f"{p['grouping']}{steady}")
 
 
 def markdown(results: dict) -> str:
@@ -76,12 +82,12 @@ def markdown(results: dict) -> str:
              f"{results['torch']}; one counted step per point, {results['wall_s']} s in all). Targets per step, "
              f"6 layers (36 adapters) with mixed ranks: <= {t['compute_ops']} compute ops, <= {t['linalg_calls']} "
              f"linear-algebra calls, {t['host_reads']} host reads, +<= {100 * t['doubling_growth']:.0f} % ops "
-             "from 36 to 72 adapters.", "", "| target | " + " | ".join(OPTIMIZERS) + " |",
-             "|---|" + "---|" * len(OPTIMIZERS)]
+             "from 36 to 72 adapters. Grouping \"padded\" is what a GPU step runs, \"shape\" what a CPU step runs.",
+             "", "| target | " + " | ".join(results["check"]) + " |", "|---|" + "---|" * len(results["check"])]
     for name in t:
         cells = []
-        for o in OPTIMIZERS:
-            c = results["check"][o][name]
+        for mode in results["check"]:
+            c = results["check"][mode][name]
             value = f"{100 * c['value']:+.1f} %" if name == "doubling_growth" else str(c["value"])
             cells.append(f"{value} ({'ok' if c['ok'] else 'FAIL'})")
         lines.append(f"| {name} | {' | '.join(cells)} |")
@@ -104,11 +110,11 @@ def plot(results: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
     for ax, key, points in ((axes[0], "num_adapters", results["against_adapters"]),
                             (axes[1], "distinct_ranks", results["against_ranks"])):
-        for o, style in zip(OPTIMIZERS, ("-", "--")):
-            mine = [p for p in points if p["core_optimizer"] == o]
+        for (o, g), style in zip(MODES, ("-", "--", "-.", ":")):
+            mine = [p for p in points if p["core_optimizer"] == o and p["grouping"] == g]
             x = [p[key] for p in mine]
             for metric, marker in (("compute_ops", "o"), ("linalg_calls", "s"), ("host_reads", "^")):
-                ax.plot(x, [max(p[metric], 0.5) for p in mine], marker + style, label=f"{o}: {metric}")
+                ax.plot(x, [max(p[metric], 0.5) for p in mine], marker + style, label=f"{o} {g}: {metric}")
         for metric in ("compute_ops", "linalg_calls"):
             ax.axhline(results["targets"][metric], color="grey", linestyle=":", linewidth=1)
         ax.set_xscale("log", base=2)

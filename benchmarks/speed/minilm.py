@@ -103,5 +103,5 @@ def count_minilm_step(num_layers: int = 6, distinct_ranks: int = 8, core_optimiz
                                             **integrator_kwargs)
     setup = {"num_layers": num_layers, "num_adapters": len(integrator.storages()),
              "distinct_ranks": distinct_rank_count(model), "core_optimizer": core_optimizer,
-             "warmup_steps": warmup_steps}
+             "warmup_steps": warmup_steps, "grouping": integrator_kwargs.get("grouping", "auto")}
     return {**setup, **count_step(integrator, 1e-3, device)}

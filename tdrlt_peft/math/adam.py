@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .orth import constant
 from .tucker import mode_dot
 
 
@@ -53,8 +54,8 @@ def adam_direction(grad: Tensor, state: AdamMoments, betas: tuple[float, float],
                    ) -> tuple[Tensor, AdamMoments]:
     """One Adam update of the moments; returns the step direction ``m / (sqrt(v) + eps)`` and the new state."""
     b1, b2 = betas
-    wm = state.wm * b1 + (1 - b1)
-    wv = state.wv * b2 + (1 - b2)
+    wm = torch.add(constant(1 - b1, state.wm), state.wm, alpha=b1)              # b1 wm + (1 - b1)
+    wv = torch.add(constant(1 - b2, state.wv), state.wv, alpha=b2)
     # m' = (b1 wm m + (1 - b1) g) / wm',   v' = (b2 wv v + (1 - b2) g^2) / wv'   (fused: fewer kernels)
     m = torch.addcmul(grad * (1 - b1), state.wm, state.m, value=b1) / wm
     v = torch.addcmul(state.wv * state.v, grad, grad, value=(1 - b2) / b2) / (wv / b2)
@@ -89,18 +90,27 @@ def zeros_like_moments(core: Tensor) -> AdamMoments:
     return AdamMoments(*(torch.zeros_like(core) for _ in range(4)))
 
 
-def transport_columns(state: AdamMoments, T: Tensor, active: Tensor | None = None) -> AdamMoments:
-    """Moments of a K-gradient ``(n, m)`` in new column coordinates ``(n, m')``: ``T`` (m, m') maps old to new.
+def transport_planes(X: Tensor, T: Tensor, active: Tensor | None = None) -> Tensor:
+    """K-gradient moments in new column coordinates, all four planes in one matmul.
 
-    ``m <- m T``; ``v, wm, wv <- (.) (T * T)``; a column's missing weight ``1 - sum_j T_jk^2`` (directions it did
-    not have before) is filled with the row's mean ``v`` and ``wv`` over the ``active`` old columns (a bool mask
-    broadcasting against the columns; default all), ``adam.pad_moments``'s rule per ambient row. Works on a leading
-    batch dimension too.
+    ``X`` (B, 4, M, n, m): the planes m, v, wm, wv of M matrices ``(n, m)`` per batch entry; ``T`` (B, M, m, m') maps
+    old to new columns; ``active`` (B, M, m) bool: the old columns with history (default all). ``m <- m T``;
+    ``v, wm, wv <- (.) (T * T)``; a column's missing weight ``1 - sum_j T_jk^2`` (directions it did not have before)
+    is filled with the row's mean ``v`` and ``wv`` over the active old columns, ``pad_moments``'s rule per ambient
+    row. Returns (B, 4, M, n, m').
     """
     T2 = T * T
-    missing = (1.0 - T2.sum(-2, keepdim=True)).clamp_min(0.0)               # (..., 1, m')
-    weight = torch.ones_like(state.v[..., :1, :]) if active is None else active.to(state.v.dtype)
-    count = weight.sum(-1, keepdim=True).clamp_min(1.0)
-    v_mean = (state.v * weight).sum(-1, keepdim=True) / count
-    wv_mean = (state.wv * weight).sum(-1, keepdim=True) / count
-    return AdamMoments(state.m @ T, state.v @ T2 + missing * v_mean, state.wm @ T2, state.wv @ T2 + missing * wv_mean)
+    out = X @ torch.stack([T, T2, T2, T2], 1)                                # (B, 4, M, n, m')
+    missing = (1.0 - T2.sum(-2)).clamp_min(0.0)[:, None, :, None, :]       # (B, 1, M, 1, m')
+    weight = torch.ones_like(T[..., 0]) if active is None else active.to(X.dtype)        # (B, M, m)
+    count = weight.sum(-1).clamp_min(1.0)[:, None, :, None, None]
+    means = (X[:, 1::2] * weight[:, None, :, None, :]).sum(-1, keepdim=True) / count    # (B, 2, M, n, 1): v, wv
+    out[:, 1::2] += means * missing
+    return out
+
+
+def transport_columns(state: AdamMoments, T: Tensor, active: Tensor | None = None) -> AdamMoments:
+    """:func:`transport_planes` of one matrix's moments ``(n, m)`` with ``T`` (m, m') and ``active`` (m,)."""
+    X = torch.stack([t.expand_as(state.m) for t in state.tensors()])[None, :, None]         # (1, 4, 1, n, m)
+    out = transport_planes(X, T[None, None], None if active is None else active.reshape(1, 1, -1))
+    return AdamMoments(*out[0, :, 0])

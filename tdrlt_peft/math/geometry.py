@@ -77,7 +77,7 @@ def truncation_ranks(values: Tensor, tau: Tensor, r_min: Tensor, cap: Tensor, ab
     counts as zero, so τ = 0 keeps the exact rank, not round-off.
     Clamped to ``[r_min, cap]`` (``cap >= 1``); an all-zero row gives ``r_min`` (clamped the same way)."""
     cutoff = (ZERO_SV_FACTOR * eps(values.dtype)) ** 2 * values.amax(-1, keepdim=True)
-    values = torch.where(values > cutoff, values, 0.0)                      # also clears negative round-off
+    values = values * (values > cutoff)                                     # also clears negative round-off
     tail = values.flip(-1).cumsum(-1).flip(-1)                              # tail[j] = sum_{l >= j} σ_l^2
     tau2 = tau * tau
     threshold = torch.where(absolute, tau2, tau2 * tail[:, 0])

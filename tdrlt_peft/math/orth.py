@@ -32,6 +32,14 @@ def identity(n: int, like: Tensor) -> Tensor:
     return _CONSTANTS[key]
 
 
+def constant(value: float, like: Tensor) -> Tensor:
+    """A 0-dim tensor ``value`` in ``like``'s dtype and device, made once (an operand for fused scalar kernels)."""
+    key = ("constant", value, like.dtype, like.device)
+    if key not in _CONSTANTS:
+        _CONSTANTS[key] = torch.full((), value, dtype=like.dtype, device=like.device)
+    return _CONSTANTS[key]
+
+
 def positions(n: int, device: torch.device) -> Tensor:
     """``arange(n)`` on ``device``, made once."""
     key = ("arange", n, device)
@@ -99,7 +107,7 @@ def complement_basis(U: Tensor, Z: Tensor, values: Tensor, vectors: Tensor, thre
     found = (values > threshold[:, None]).sum(-1)                          # (B,)
     count = torch.minimum(found, max_new)
     keep = positions(values.shape[-1], values.device)[None, :] < count[:, None]                  # (B, R)
-    scale = torch.where(keep, values.clamp_min(torch.finfo(values.dtype).tiny).rsqrt(), 0.0)
+    scale = values.clamp_min(torch.finfo(values.dtype).tiny).rsqrt() * keep
     new = Z @ (vectors * scale[:, None, :])
     return newton_schulz(project_out(U, new)), count
 

@@ -31,6 +31,8 @@ from ..layers.inventory import iter_storages
 from ..layers.storage import LowRankStorage
 from ..math import engine
 from ..math.adam import adam_direction
+from ..math.group_moments import pad_core_moments, precondition
+from ..math.masks import block_mask
 from ..math.threads import single_threaded_linalg
 from .integrator import agree, all_finite
 
@@ -47,7 +49,7 @@ class AugmentedGroup:
     old: engine.Group                  # before the step (stacked copies)
     point: engine.Group                # Û_i, C, r̂: what the second pass runs at
     qs: list[Tensor | None]
-    factor_moments: list | None        # the K-gradient moments after this step's update (Adam)
+    k_buffer: Tensor | None            # the K-gradient moments after this step's update (Adam)
 
 
 def augment_group(storages: list[LowRankStorage], bounds: engine.Bounds, adam: dict | None) -> AugmentedGroup:
@@ -56,14 +58,16 @@ def augment_group(storages: list[LowRankStorage], bounds: engine.Bounds, adam: d
     group = g.group
     factored = [U is not None for U in group.factors]
     qs = engine.row_space_bases(group.core, group.ranks, factored, group.matrix)
-    k_dirs, factor_moments = engine.precondition(group, g.k_grads, adam)
-    caps = None
-    if group.matrix:   # both sides share one slicing width at the augmented point
-        caps = [min(U.shape[-1] for U in group.factors)] * 2
+    k_dirs, k_buffer = precondition(group.k_buffer, group.k_layout, g.k_grads, adam, g.k_grad_rows)
+    # a matrix's sides share one slicing width at the augmented point
+    caps = bounds.cap
+    if group.matrix:
+        caps = caps.amin(-1, keepdim=True).clamp_max(min(U.shape[-1] for U in group.factors)).expand_as(caps)
     new, shifts, augmented = engine.augment(group, k_dirs, caps)
     bases = [None if U is None else torch.baddbmm(U, N, S) for U, N, S in zip(group.factors, new, shifts)]
-    point = engine.Group(core=group.core, factors=bases, ranks=augmented, matrix=group.matrix, moments=group.moments)
-    return AugmentedGroup(storages, bounds, group, point, qs, factor_moments)
+    point = engine.Group(core=group.core, factors=bases, ranks=augmented, matrix=group.matrix, moments=group.moments,
+                         k_buffer=group.k_buffer, k_layout=group.k_layout)
+    return AugmentedGroup(storages, bounds, group, point, qs, k_buffer)
 
 
 def galerkin_proposal(aug: AugmentedGroup, core_grad: Tensor, lr: float | Tensor, adam: dict | None
@@ -74,13 +78,12 @@ def galerkin_proposal(aug: AugmentedGroup, core_grad: Tensor, lr: float | Tensor
     if adam is None or group.moments is None:
         core_hat = group.core - lr * core_grad
     else:
-        old = engine.block_mask(group.ranks, list(group.core.shape[1:]))
-        direction, moments = adam_direction(core_grad, engine.pad_core_moments(group.moments, old), adam["betas"],
+        old = block_mask(group.ranks, list(group.core.shape[1:]))
+        direction, moments = adam_direction(core_grad, pad_core_moments(group.moments, old), adam["betas"],
                                             adam["eps"])
-        moments.factors = aug.factor_moments
         core_hat = group.core - lr * (direction + adam.get("weight_decay", 0.0) * group.core)
     return engine.truncation_proposal(group, aug.point.factors, core_hat, aug.point.ranks, aug.bounds, moments,
-                                      aug.qs)
+                                      aug.qs, aug.k_buffer)
 
 
 def bug_step(integrator: TDLRTIntegrator, lr: float | Tensor, closure: Callable[[], Tensor | float | None]) -> bool:

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from ..layers import rank_mirror
 from ..layers.budget import budget_rule
-from ..layers.groups import bounds_of, gather, partition, write
+from ..layers.groups import GROUPINGS, bounds_of, gather, partition, write
 from ..layers.inventory import iter_storages
 from ..layers.storage import LowRankStorage
 from ..math import engine
@@ -46,15 +46,20 @@ class TDLRTIntegrator:
             basis changes, see ``adam.py``) or ``"sgd"`` (the exact projected-gradient step of the theory).
         betas, eps, weight_decay: Adam settings for the core (decoupled weight decay).
         lr_factor: the step uses ``lr * lr_factor``.
-        batched: step adapters of equal storage shapes together (one group per shape, whatever their ranks);
-            ``False`` makes every adapter a group of its own (same result, more kernels).
+        batched: step adapters together in groups (whatever their ranks); ``False`` makes every adapter a group of
+            its own (same result, more kernels): ``grouping="adapter"``.
+        grouping: how adapters are grouped (``layers/groups.py``): ``"shape"`` (equal storage shapes: fewest flops),
+            ``"padded"`` (every matrix adapter of similar row counts in one zero-padded group: fewest kernels),
+            ``"adapter"``, or ``"auto"``: padded on a GPU, where a step costs its launches, by shape on a CPU,
+            where it costs its flops. All give the same step.
         cuda_graph: capture the whole step in a CUDA graph on its first steps and replay it after (``cuda_graph.py``;
             CUDA only, single process).
     """
 
     def __init__(self, model: nn.Module, core_optimizer: Literal["adam", "sgd"] = "adam",
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
-                 lr_factor: float = 1.0, batched: bool = True, cuda_graph: bool = False):
+                 lr_factor: float = 1.0, batched: bool = True, cuda_graph: bool = False,
+                 grouping: str = "auto"):
         if core_optimizer not in CORE_OPTIMIZERS:
             raise ValueError(f"core_optimizer must be one of {CORE_OPTIMIZERS}, got {core_optimizer!r}.")
         if not 0.0 <= betas[0] < 1.0 or not 0.0 <= betas[1] < 1.0:
@@ -63,7 +68,9 @@ class TDLRTIntegrator:
         self.core_optimizer = core_optimizer
         self.adam = {"betas": tuple(betas), "eps": eps, "weight_decay": weight_decay}
         self.lr_factor = lr_factor
-        self.batched = batched
+        if grouping not in ("auto", *GROUPINGS):
+            raise ValueError(f"grouping must be 'auto' or one of {GROUPINGS}, got {grouping!r}.")
+        self.grouping = grouping if batched else "adapter"
         storages = list(iter_storages(model))
         if not storages:
             raise ValueError(
@@ -116,7 +123,10 @@ class TDLRTIntegrator:
         key = tuple(id(s.core) for s in storages)
         cached = self._groups.get(key)
         if cached is None:
-            parts = partition(storages) if self.batched else [[s] for s in storages]
+            grouping = self.grouping
+            if grouping == "auto":
+                grouping = "padded" if storages[0].core.device.type == "cuda" else "shape"
+            parts = partition(storages, grouping)
             cached = [(part, bounds_of(part)) for part in parts]
             self._groups = {key: cached}
         return cached
@@ -165,7 +175,7 @@ class TDLRTIntegrator:
         # the stacked gradients hold every nonzero entry (past the step's widths they are zero)
         grads = [t for g in gathered for t in (g.core_grad, *g.k_grads) if t is not None]
         ok = all_finite(grads + list(also_check or []))
-        proposals = [engine.propose(g.group, g.core_grad, g.k_grads, lr, bounds, adam)
+        proposals = [engine.propose(g.group, g.core_grad, g.k_grads, lr, bounds, adam, g.k_grad_rows)
                      for g, (_, bounds) in zip(gathered, groups)]
         ranks = agree(self.decide_ranks(groups, proposals))
         for (part, _), g, proposal, agreed in zip(groups, gathered, proposals, ranks):
