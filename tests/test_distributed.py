@@ -16,6 +16,7 @@ import torch
 from transformers import TrainerCallback
 
 from tdrlt_peft import adapter_ranks
+from tdrlt_peft.layers.inventory import iter_storages
 from tdrlt_peft.training.checkpoint import last_complete_checkpoint, verify_checkpoint
 
 from .scripts.tiny_trainer import adapter_state, build_trainer, subprocess_env, tiny_model
@@ -35,18 +36,20 @@ class RankHistory(TrainerCallback):
         self.history.append([r for rs in adapter_ranks(model).values() for r in rs])
 
 
-def one_process_run(out_dir, dtype) -> dict:
+def one_process_run(out_dir, dtype, target_params: int | None = None) -> dict:
     history = RankHistory()
     trainer = build_trainer(out_dir, per_device_batch=GLOBAL_BATCH, max_steps=STEPS, callbacks=[history],
-                            model=tiny_model(dtype=dtype))
+                            model=tiny_model(dtype=dtype, target_params=target_params))
     trainer.train()
     return {"state": adapter_state(trainer.model), "rank_history": history.history,
             "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h]}
 
 
-def launch(launcher: list[str], out_dir: Path, dtype: torch.dtype) -> dict:
+def launch(launcher: list[str], out_dir: Path, dtype: torch.dtype, target_params: int | None = None) -> dict:
     command = [*launcher, str(SCRIPT), str(out_dir), "--global-batch", str(GLOBAL_BATCH), "--steps", str(STEPS),
                "--dtype", str(dtype).removeprefix("torch.")]
+    if target_params is not None:
+        command += ["--target-params", str(target_params)]
     run = subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=400)
     assert run.returncode == 0, f"{' '.join(command)} failed:\n{run.stdout[-2000:]}\n{run.stderr[-6000:]}"
     return torch.load(out_dir / "result.pt")
@@ -91,6 +94,18 @@ def test_torchrun_two_processes_match_one_process(tmp_path, reference_float32):
     for step in (STEPS // 2, STEPS):
         files = verify_checkpoint(tmp_path / f"checkpoint-{step}")["files"]
         assert {"rng_state_0.pth", "rng_state_1.pth", "adapter_model.safetensors", "trainer_state.json"} <= set(files)
+
+
+def test_torchrun_budget_mode_takes_one_decision(tmp_path):
+    """Budget mode under DDP: process 1's budget decision is made to differ; the broadcast one is applied."""
+    target = 3000
+    reference = one_process_run(tmp_path / "one", torch.float32, target)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    result = launch(launcher, tmp_path / "two", torch.float32, target)
+    assert_matches_one_process(result, reference, torch.float32)
+    sizes = [sum(U.shape[0] for U in s.factors) for s in iter_storages(tiny_model(target_params=target))]
+    for ranks in result["rank_history"]:                     # matrix adapters: (r, r) each, (out + in) r + r^2
+        assert sum(n * r + r * r for n, r in zip(sizes, ranks[::2])) <= target
 
 
 def test_gradient_accumulation_matches_one_large_batch(tmp_path, reference_float32):

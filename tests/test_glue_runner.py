@@ -354,6 +354,15 @@ def test_tdlrt_active_parameters_follow_the_ranks(tmp_path, tiny_model, glue_roo
     assert head == 32 * 32 + 32 + 32 * 2 + 2  # pooler.dense + classifier
 
 
+def test_tdlrt_parameter_budget_is_a_runner_option(tmp_path, tiny_model, glue_root):
+    pytest.importorskip("tdrlt_peft")
+    # 12 adapters, 8 of 32 x 32 and 4 feed-forward 32 x 64: 908 parameters at r_min 1, 7,936 at r_max 8
+    (result,) = _run(tmp_path, tiny_model, glue_root, "sst2", "tdlrt", "--target_params", "2000")
+    head = 32 * 32 + 32 + 32 * 2 + 2
+    assert result["recipe"]["target_params"] == 2000
+    assert 0.9 * 2000 <= result["trainable_params"] - head <= 2000
+
+
 def test_mnli_reports_matched_and_mismatched(tmp_path, tiny_model, glue_root):
     (result,) = _run(tmp_path, tiny_model, glue_root, "mnli", "lora")
     assert set(result["metrics"]) == {"matched_accuracy", "mismatched_accuracy"}

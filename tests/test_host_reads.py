@@ -1,6 +1,6 @@
 """The integrator step reads nothing on the host: run it on the ``meta`` device, where every host read
 (``.item()``, ``bool()``/``int()``/``float()`` of a tensor, ``.tolist()``, ``.cpu()``, ``nonzero``, boolean-mask
-indexing) raises, for matrix and Tucker-conv adapters, with the Adam and the SGD core."""
+indexing) raises, for matrix and Tucker-conv adapters, with the Adam and the SGD core, in tau and in budget mode."""
 
 from __future__ import annotations
 
@@ -22,10 +22,11 @@ class Net(nn.Module):
         self.conv1x1 = nn.Conv2d(5, 4, 1)
 
 
-def meta_model(factorize_spatial: bool):
+def meta_model(factorize_spatial: bool, target_params: int | None = None):
     torch.manual_seed(0)
     config = TuckerAdapterConfig(target_modules=["a", "b", "c", "conv", "conv1x1"], r=2, r_max=5,
-                                 rank_pattern={"b": 3}, factorize_spatial=factorize_spatial)
+                                 rank_pattern={"b": 3}, factorize_spatial=factorize_spatial,
+                                 target_params=target_params)
     return get_peft_model(Net(), config).to("meta")
 
 
@@ -37,11 +38,12 @@ def test_meta_device_really_refuses_host_reads():
             read()
 
 
+@pytest.mark.parametrize("target_params", [None, 300])   # 300: budget mode (layers/budget.py)
 @pytest.mark.parametrize("grouping", ["shape", "padded"])
 @pytest.mark.parametrize("core_optimizer", ["adam", "sgd"])
 @pytest.mark.parametrize("factorize_spatial", [False, True])
-def test_integrator_step_has_no_host_read(core_optimizer, factorize_spatial, grouping):
-    model = meta_model(factorize_spatial)
+def test_integrator_step_has_no_host_read(core_optimizer, factorize_spatial, grouping, target_params):
+    model = meta_model(factorize_spatial, target_params)
     integrator = TDLRTIntegrator(model, core_optimizer=core_optimizer, grouping=grouping)
     storages = list(iter_storages(model))
     assert len(storages) == 5 and storages[0].core.device.type == "meta"

@@ -23,7 +23,7 @@ from ..math.tucker import mode_dot
 from .functional import lowrank_linear
 from .rank_mirror import refresh as refresh_widths
 from .scaling import AdapterScaling
-from .storage import LowRankStorage, factor_moment_shape, factor_moment_views
+from .storage import LowRankStorage, ParameterBudget, factor_moment_shape, factor_moment_views
 from .tracker import StepTracker
 
 
@@ -39,7 +39,7 @@ class TDLRTLayer(AdapterScaling, nn.Module, BaseTunerLayer):
     moment_names = ("tdlrt_adam_m", "tdlrt_adam_v", "tdlrt_adam_wm", "tdlrt_adam_wv")
     factor_moment_name = "tdlrt_adam_K"    # Adam moments of the K-gradients, see storage.factor_moment_views
     other_param_names = ("tdlrt_rank", *moment_names, factor_moment_name, "tdlrt_scale", "tdlrt_dropout",
-                         "tdlrt_bounds")
+                         "tdlrt_bounds", "tdlrt_budget")
     matrix = True
 
     def __init__(self, base_layer: nn.Module, **kwargs) -> None:
@@ -55,6 +55,7 @@ class TDLRTLayer(AdapterScaling, nn.Module, BaseTunerLayer):
             setattr(self, name, BufferDict({}, persistent=True))
         self.tdlrt_scale: dict[str, float] = {}
         self.tdlrt_bounds: dict[str, RankBounds] = {}
+        self.tdlrt_budget: dict[str, ParameterBudget | None] = {}
         self.tdlrt_dropout = nn.ModuleDict({})
         self._ranks: dict[str, list[int]] = {}
         self._trackers: dict[str, StepTracker] = {}
@@ -86,7 +87,8 @@ class TDLRTLayer(AdapterScaling, nn.Module, BaseTunerLayer):
             name=name, core=self.tdlrt_S[adapter],
             factors=[None if n is None else getattr(self, n)[adapter] for n in self.factor_names],
             ranks=self._ranks[adapter], rank_buffer=self.tdlrt_rank[adapter], bounds=self.tdlrt_bounds[adapter],
-            matrix=self.matrix, tracker=self._trackers[adapter], moments=moments, k_buffer=k_buffer)
+            matrix=self.matrix, tracker=self._trackers[adapter], moments=moments, k_buffer=k_buffer,
+            scale=self.tdlrt_scale[adapter], budget=self.tdlrt_budget.get(adapter))
 
     def tdlrt_storages(self, module_name: str, adapter_name: str | None = None) -> list[LowRankStorage]:
         names = [adapter_name] if adapter_name is not None else self.active_adapters
@@ -94,7 +96,7 @@ class TDLRTLayer(AdapterScaling, nn.Module, BaseTunerLayer):
 
     def update_layer(self, adapter_name: str, r: int, r_min: int, r_max: int, tau: float, scale: float,
                      dropout: float = 0.0, absolute_tau: bool = False, init_weights: bool = True,
-                     inference_mode: bool = False, **kwargs: Any) -> None:
+                     inference_mode: bool = False, target_params: int | None = None, **kwargs: Any) -> None:
         """Create adapter ``adapter_name``: orthonormal random factors at rank ``r``, zero core (ΔW = 0).
 
         Every adapter tensor is stored in the base weight's dtype (float32 for any other base dtype), as PEFT's
@@ -129,6 +131,9 @@ class TDLRTLayer(AdapterScaling, nn.Module, BaseTunerLayer):
         self._trackers[adapter_name] = StepTracker()
         self.tdlrt_scale[adapter_name] = float(scale)
         self.tdlrt_bounds[adapter_name] = RankBounds(tau=tau, r_min=r_min, r_max=r_max, absolute=absolute_tau)
+        # budget mode: this adapter's ranks are decided with every other adapter of the config (layers/budget.py)
+        self.tdlrt_budget[adapter_name] = None if target_params is None else ParameterBudget(target_params,
+                                                                                             adapter_name)
         self.tdlrt_dropout[adapter_name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 

@@ -28,6 +28,7 @@ from ..math.adam import AdamMoments
 from ..math.engine import RankBounds
 from ..math.geometry import compute_dtype, random_orthonormal, truncation_rank
 from ..math.tucker import project_to_core, tucker_to_tensor, unfold
+from .budget import check_budget, truncate_to_budget
 from .conv_functional import (
     ConvSpec,
     check_groups,
@@ -38,7 +39,7 @@ from .conv_functional import (
 )
 from .functional import lowrank_linear
 from .rank_mirror import refresh as refresh_widths
-from .storage import LowRankStorage, factor_moment_shape, factor_moment_views
+from .storage import LowRankStorage, ParameterBudget, factor_moment_shape, factor_moment_views
 from .tracker import StepTracker
 
 Init = Literal["random", "weights"]
@@ -87,6 +88,7 @@ class FactorizedLayer(nn.Module):
         self.register_buffer("adam_K", core.new_zeros(factor_moment_shape(sizes, widths, self._factored)))
         self._ranks = ranks
         self._tracker = StepTracker()
+        self.budget: ParameterBudget | None = None     # set by factorize(target_params=...): budget mode
         self.register_load_state_dict_pre_hook(_fill_missing_factor_moments)
         self.register_load_state_dict_post_hook(_after_load)
 
@@ -98,7 +100,8 @@ class FactorizedLayer(nn.Module):
                               factor_moment_views(self.adam_K, self._sizes, self._factored))
         return LowRankStorage(
             name=name, core=self.core, factors=self.factor_list(), ranks=self._ranks, rank_buffer=self.rank,
-            bounds=self.bounds, matrix=self.matrix, tracker=self._tracker, moments=moments, k_buffer=self.adam_K)
+            bounds=self.bounds, matrix=self.matrix, tracker=self._tracker, moments=moments, k_buffer=self.adam_K,
+            budget=self.budget)
 
     def tdlrt_storages(self, module_name: str, adapter_name: str | None = None) -> list[LowRankStorage]:
         """The integrator's view; empty for fixed-rank layers trained by an ordinary optimizer."""
@@ -276,13 +279,20 @@ def factorized_from(module: nn.Module, *, init: Init = "random", r: int | Sequen
 
 
 def factorize(model: nn.Module, target_modules: Sequence[str] | str | None = None,
-              r: int | Sequence[int] | Mapping[str, int | Sequence[int]] = 8, **kwargs) -> nn.Module:
+              r: int | Sequence[int] | Mapping[str, int | Sequence[int]] = 8, target_params: int | None = None,
+              **kwargs) -> nn.Module:
     """Replace, in place, the targeted ``nn.Linear`` / ``nn.ConvNd`` modules of ``model`` by factorized layers.
 
     ``target_modules``: None = every Linear and ConvNd; a list of names (exact or ``.``-suffix match); a string
     is a regex that must match the whole module name. ``r`` may map module names to their ranks (e.g. the final
     ranks of a TDLRT run, to train the same shapes at fixed rank). Other keyword arguments: ``factorized_from``.
     Returns ``model``.
+
+    ``target_params=N`` ("compress this network to N parameters", ``train_with="integrator"`` only): the
+    factorized layers hold at most N active parameters (biases not counted), from the start (``init="weights"``:
+    the HOSVD up to ``r_max`` truncated to the budget by the largest singular values over all layers, instead of
+    ``tau``) and at every step (``layers/budget.py``). A budget outside the layers' reach is refused before any
+    module is replaced. The budget is not in the state dict: rebuild with the same ``factorize`` call to load.
     """
     supported = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
     chosen = []
@@ -292,13 +302,28 @@ def factorize(model: nn.Module, target_modules: Sequence[str] | str | None = Non
         chosen.append(name)
     if not chosen:
         raise ValueError(f"factorize: no nn.Linear / nn.ConvNd module matches target_modules={target_modules!r}.")
+    if target_params is not None:
+        if kwargs.get("train_with", "integrator") != "integrator":
+            raise ValueError("factorize(target_params=...) needs train_with='integrator': the budget is kept by the "
+                             "rank-adaptive step, fixed-rank layers have no such step.")
+        if kwargs.get("init") == "weights":
+            kwargs["tau"] = 0.0            # the HOSVD up to r_max; the budget truncates it below
+    layers = {}
     for name in chosen:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
         if isinstance(r, Mapping) and name not in r:
             raise ValueError(f"factorize: r maps module names to ranks but has no entry for {name!r}.")
         ranks = r[name] if isinstance(r, Mapping) else r
-        setattr(parent, child, factorized_from(getattr(parent, child), r=ranks, module_name=name, **kwargs))
+        layers[name] = factorized_from(model.get_submodule(name), r=ranks, module_name=name, **kwargs)
+    if target_params is not None:
+        budget = ParameterBudget(target_params, "factorize")
+        for layer in layers.values():
+            layer.budget = budget
+        storages = [layer.storage(name) for name, layer in layers.items()]
+        check_budget(storages, budget, "factorize(target_params)")
+        truncate_to_budget(storages, budget)
+    for name, layer in layers.items():
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, layer)
     return model
 
 

@@ -18,6 +18,15 @@ from .rank_mirror import refresh
 from .tracker import StepTracker
 
 
+@dataclass(frozen=True)
+class ParameterBudget:
+    """At most ``target`` active parameters over every adapter that carries this budget (``layers/budget.py``);
+    ``owner`` names where it was set (an adapter name of a PEFT model, or ``factorize``)."""
+
+    target: int
+    owner: str
+
+
 @dataclass
 class LowRankStorage:
     """A view of one adapter's tensors, as the integrator reads and writes them.
@@ -39,6 +48,8 @@ class LowRankStorage:
     moments: AdamMoments | None = None
     k_buffer: Tensor | None = None     # the K-gradient moments' buffer (4, sum_i n_i, R) behind moments.factors
     extra: dict = field(default_factory=dict)
+    scale: float = 1.0                 # the constant output scale s of W0 + s ΔW (1: a factorized layer's weight)
+    budget: ParameterBudget | None = None      # the parameter budget this adapter counts in (None: its tau rule)
 
     def active(self) -> tuple[Tensor, list[Tensor | None]]:
         """Active slices ``(core[:r_1, ..., :r_d], [U_i[:, :r_i]])`` (of the host widths, see ``rank_mirror.py``)."""

@@ -132,7 +132,7 @@ def bug_step(integrator: TDLRTIntegrator, lr: float | Tensor, closure: Callable[
             return integrator.skip_step()
         with torch.no_grad(), single_threaded_linalg(storages[0].core.device):
             proposals = [galerkin_proposal(aug, g, lr, adam) for aug, g in zip(groups, grads)]
-            ranks = agree([p.ranks for p in proposals])
+            ranks = agree(integrator.decide_ranks([(aug.storages, aug.bounds) for aug in groups], proposals))
             for aug, proposal, agreed in zip(groups, proposals, ranks):
                 write(aug.storages, engine.apply(proposal, agreed))
         integrator._taken += 1

@@ -10,7 +10,9 @@ Usage in a plain PyTorch loop::
 
 The step runs the engine of ``math/engine.py`` once per group of same-shaped adapters and never reads a value on
 the host: whether the gradients are finite, the ranks and every write are decided on the device (a step with a
-non-finite gradient writes the old values back). Under ``torch.distributed`` the ranks chosen on process 0 are
+non-finite gradient writes the old values back). Adapters with a parameter budget (``target_params``) take their
+ranks from one decision over all of them (``layers/budget.py``, ``math/budget.py``) instead of their tau rule,
+before the agreement. Under ``torch.distributed`` the ranks chosen on process 0 are
 broadcast in one collective, so every process truncates identically. The Python rank mirrors that the forward
 slices with (``layers/rank_mirror.py``) follow from one non-blocking copy.
 """
@@ -25,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from ..layers import rank_mirror
+from ..layers.budget import budget_rule
 from ..layers.groups import GROUPINGS, bounds_of, gather, partition, write
 from ..layers.inventory import iter_storages
 from ..layers.storage import LowRankStorage
@@ -81,6 +84,8 @@ class TDLRTIntegrator:
         self._seen_skips = 0                     # device skips the rank mirror has reported
         self._warned_skip = False
         self._groups: dict[tuple, tuple[list[LowRankStorage], engine.Bounds]] = {}
+        self._budget_key: tuple | None = None          # the adapters (and scales, budgets) of the cached rule
+        self._budget_rule = None
         self.graph = None
         if cuda_graph:
             from .cuda_graph import StepGraph
@@ -172,12 +177,23 @@ class TDLRTIntegrator:
         ok = all_finite(grads + list(also_check or []))
         proposals = [engine.propose(g.group, g.core_grad, g.k_grads, lr, bounds, adam, g.k_grad_rows)
                      for g, (_, bounds) in zip(gathered, groups)]
-        ranks = agree([p.ranks for p in proposals])
+        ranks = agree(self.decide_ranks(groups, proposals))
         for (part, _), g, proposal, agreed in zip(groups, gathered, proposals, ranks):
             write(part, engine.apply(proposal, agreed), ok, g)
         self._taken += ok
         self._skipped += ~ok
         return ok
+
+    def decide_ranks(self, groups: list[tuple[list[LowRankStorage], engine.Bounds]],
+                     proposals: list[engine.Proposal]) -> list[Tensor]:
+        """Every group's new ranks before the agreement: its tau rule's, or those of the adapters' parameter budget
+        (``layers/budget.py``; the rule is rebuilt when the adapters, their scales or budgets change)."""
+        key = tuple((id(s.core), s.scale, s.budget) for part, _ in groups for s in part)
+        if self._budget_key != key:
+            self._budget_key, self._budget_rule = key, budget_rule(groups, self.storages())
+        if self._budget_rule is None:
+            return [p.ranks for p in proposals]
+        return self._budget_rule.ranks(groups, proposals)
 
     def publish(self, storages: list[LowRankStorage]) -> None:
         """Host rank mirrors (and the skip warning) from one non-blocking copy (``layers/rank_mirror.py``)."""

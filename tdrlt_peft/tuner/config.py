@@ -42,6 +42,11 @@ class TuckerAdapterConfig(PeftConfig):
         "help": "Truncation tolerance in [0, 1): drop the smallest singular values whose norm is at most "
                 "tau * ||core||_F (relative), or at most tau when absolute_tau. 0 keeps the exact rank."})
     absolute_tau: bool = field(default=False, metadata={"help": "Use tau as an absolute threshold."})
+    target_params: int | None = field(default=None, metadata={
+        "help": "Parameter budget: the total active adapter parameters (sum over adapters of sum_i n_i r_i + "
+                "prod_i r_i; heads and modules_to_save not counted) to train with. Every step then keeps the "
+                "directions with the largest singular values of scale * ΔW over the whole model that fit in it "
+                "(tdrlt_peft/math/budget.py), instead of each layer's tau rule. None: the tau rule."})
     scale: float = field(default=1.0, metadata={
         "help": "Constant output scale s of s * ΔW (never rank dependent, so a rank change never makes the "
                 "output jump)."})
@@ -102,6 +107,9 @@ class TuckerAdapterConfig(PeftConfig):
                 raise bad("tau", "an absolute tolerance must be >= 0")
         elif not 0 <= self.tau < 1:
             raise bad("tau", "a relative tolerance must satisfy 0 <= tau < 1")
+        if self.target_params is not None and (isinstance(self.target_params, bool)
+                                               or not isinstance(self.target_params, int) or self.target_params < 1):
+            raise bad("target_params", "a budget is a positive integer number of parameters (None: the tau rule)")
         if not self.scale > 0:
             raise bad("scale", "it must be > 0")
         if not 0 <= self.dropout < 1:

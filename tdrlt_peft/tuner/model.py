@@ -7,8 +7,10 @@ from peft.utils.other import get_pattern_key
 from torch import nn
 
 from ..layers.adapter import Linear, TDLRTLayer
+from ..layers.budget import check_budget, fit_initial_ranks
 from ..layers.conv import CONV_LAYER_TYPES
-from ..layers.inventory import adapter_ranks
+from ..layers.inventory import adapter_ranks, iter_storages
+from ..layers.storage import ParameterBudget
 from .config import TRANSFORMERS_MODELS_TO_TDLRT_TARGET_MODULES_MAPPING, TuckerAdapterConfig
 from .load_checks import check_saved_adapter
 from .registration import PREFIX
@@ -30,6 +32,7 @@ class TDLRTModel(BaseTuner):
         originals = list(model.named_modules())
         try:
             super().inject_adapter(model, adapter_name, *args, **kwargs)
+            attach_budget(model, adapter_name, self.peft_config[adapter_name])
         except Exception:
             _restore_modules(model, originals)
             raise
@@ -41,7 +44,7 @@ class TDLRTModel(BaseTuner):
         kwargs = dict(r=r if isinstance(r, int) else max(r), r_min=config.r_min, r_max=config.r_max,
                       tau=config.tau, absolute_tau=config.absolute_tau, scale=config.scale,
                       dropout=config.dropout, inference_mode=config.inference_mode,
-                      factorize_spatial=config.factorize_spatial)
+                      factorize_spatial=config.factorize_spatial, target_params=config.target_params)
         if isinstance(target, TDLRTLayer):
             target.update_layer(adapter_name, **kwargs)
             return
@@ -116,6 +119,18 @@ class TDLRTModel(BaseTuner):
         # load the overlap silently)
         check_saved_adapter(model, adapter_name, state_dict)
         return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+
+
+def attach_budget(model: nn.Module, adapter_name: str, config: TuckerAdapterConfig) -> None:
+    """Budget mode: refuse a ``target_params`` the adapters cannot meet (feasible range in the error), and start
+    every adapter within it (``layers/budget.py``)."""
+    target = getattr(config, "target_params", None)
+    if target is None:
+        return
+    storages = list(iter_storages(model, adapter_name))
+    budget = ParameterBudget(target, adapter_name)
+    check_budget(storages, budget, "TuckerAdapterConfig.target_params")
+    fit_initial_ranks(storages, budget)
 
 
 def _restore_modules(model: nn.Module, originals: list[tuple[str, nn.Module]]) -> None:

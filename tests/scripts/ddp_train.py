@@ -7,8 +7,9 @@
 The global batch is fixed (``--global-batch``, split evenly over the processes), so the result can be compared
 with a 1-process run. Checked on every process while it runs (an AssertionError fails the launch):
 
-* process 1 deliberately *proposes* different ranks (one less, wherever allowed); the ranks applied must still
-  be process 0's, identical on all processes after every step (``_agree`` broadcasts them);
+* process 1 deliberately *proposes* different ranks (one less, wherever allowed; with ``--target-params`` the
+  budget's decision); the ranks applied must still be process 0's, identical on all processes after every step
+  (``agree`` broadcasts them);
 * after training the adapter tensors and the head are bitwise identical on every process.
 
 Checkpoints are written half-way and at the end (with every process's RNG state and the completion marker).
@@ -32,6 +33,7 @@ import torch.distributed as dist  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
 from tdrlt_peft import adapter_ranks  # noqa: E402
+from tdrlt_peft.layers.budget import BudgetRule  # noqa: E402
 from tdrlt_peft.math import engine  # noqa: E402
 from tests.scripts.tiny_trainer import adapter_state, build_trainer, tiny_model  # noqa: E402
 
@@ -64,6 +66,13 @@ def propose_one_less_on_process_1() -> None:
         return dataclasses.replace(proposal, ranks=torch.where(factored, lowered, proposal.ranks))
 
     engine.propose = propose
+    original_budget = BudgetRule.ranks
+
+    def budget_ranks(self, groups, proposals):
+        decided = original_budget(self, groups, proposals)
+        return [torch.maximum(bounds.r_min[:, None], k - 1) for k, (_, bounds) in zip(decided, groups)]
+
+    BudgetRule.ranks = budget_ranks
 
 
 def replica_spread(model) -> float:
@@ -81,6 +90,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    parser.add_argument("--target-params", type=int, default=None)
     cli = parser.parse_args()
 
     world = int(os.environ.get("WORLD_SIZE", "1"))   # set by torchrun and accelerate launch
@@ -88,7 +98,8 @@ def main() -> None:
     agreement = RankAgreement()
     trainer = build_trainer(cli.out_dir, per_device_batch=cli.global_batch // world, max_steps=cli.steps,
                             seed=cli.seed, callbacks=[agreement], save_strategy="steps", save_steps=cli.steps // 2,
-                            model=tiny_model(cli.seed, dtype=getattr(torch, cli.dtype)))
+                            model=tiny_model(cli.seed, dtype=getattr(torch, cli.dtype),
+                                             target_params=cli.target_params))
     assert dist.is_initialized() and dist.get_world_size() == world == trainer.args.world_size
     if dist.get_rank() == 1:
         propose_one_less_on_process_1()

@@ -32,8 +32,10 @@ class TokenDataset(Dataset):
         return {"input_ids": self.ids[i], "labels": self.labels[i]}
 
 
-def tiny_model(seed: int = 0, r: int = 2, r_max: int = 12, tau: float = 0.1, dtype=None):
-    """A 2-layer DeBERTa-v2 classifier (random weights, dropout off) with TDLRT adapters."""
+def tiny_model(seed: int = 0, r: int = 2, r_max: int = 12, tau: float = 0.1, dtype=None,
+               target_params: int | None = None):
+    """A 2-layer DeBERTa-v2 classifier (random weights, dropout off) with TDLRT adapters (``target_params``: in
+    budget mode)."""
     from peft import get_peft_model
     from transformers import DebertaV2Config, DebertaV2ForSequenceClassification
 
@@ -49,7 +51,8 @@ def tiny_model(seed: int = 0, r: int = 2, r_max: int = 12, tau: float = 0.1, dty
     base.accepts_loss_kwargs = False
     if dtype is not None:
         base = base.to(dtype)
-    return get_peft_model(base, TuckerAdapterConfig(task_type="SEQ_CLS", r=r, r_max=r_max, tau=tau))
+    return get_peft_model(base, TuckerAdapterConfig(task_type="SEQ_CLS", r=r, r_max=r_max, tau=tau,
+                                                    target_params=target_params))
 
 
 def build_trainer(out_dir, per_device_batch: int = 16, max_steps: int = 12, seed: int = 0, callbacks=(),
