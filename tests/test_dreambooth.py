@@ -467,6 +467,23 @@ def test_components_load_onto_the_chosen_device(tiny_folder):
     assert to_latents(parts, torch.zeros(2, 1, 8, 8)).is_meta
 
 
+def test_components_load_in_float32_whatever_the_folder_stores(tiny_folder, tmp_path):
+    """A folder saved in float16 (like a hub fp16 download) loads in float32: --mixed_precision is autocast."""
+    import shutil
+
+    from transformers import AutoModel
+
+    from benchmarks.dreambooth.pipeline import load_components
+
+    folder = tmp_path / "fp16"
+    shutil.copytree(tiny_folder, folder)
+    diffusers.UNet2DConditionModel.from_pretrained(tiny_folder / "unet").half().save_pretrained(folder / "unet")
+    # transformers 5 loads a text encoder in its stored dtype (diffusers upcasts the UNet by itself)
+    AutoModel.from_pretrained(tiny_folder / "text_encoder").half().save_pretrained(folder / "text_encoder")
+    parts = load_components(str(folder))
+    assert {p.dtype for m in (parts.unet, parts.text_encoder) for p in m.parameters()} == {torch.float32}
+
+
 def test_vae_latents_are_encoded_in_batches_like_all_at_once():
     from benchmarks.dreambooth.pipeline import VAE_BATCH_SIZE, Components, to_latents, to_pixels
 

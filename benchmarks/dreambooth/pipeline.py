@@ -80,7 +80,9 @@ def load_components(name_or_path: str, compute: Compute = CPU) -> Components:
         raise RunnerError(f"cannot load {name_or_path!r} from the Hugging Face hub: {hint}. ({err})") from err
     for module in (unet, text_encoder, vae):
         if module is not None:
-            module.requires_grad_(False).eval().to(compute.device)
+            # float32 whatever the folder stores (an fp16 download): the adapters and the optimizer work in
+            # float32 and --mixed_precision is autocast, never half-precision weights
+            module.requires_grad_(False).eval().to(compute.device, torch.float32)
     return Components(unet, scheduler, tokenizer, text_encoder, vae, source, compute)
 
 
@@ -110,10 +112,11 @@ def encode_prompts(c: Components, prompts: list[str]) -> Tensor:
 def to_latents(c: Components, pixels: Tensor) -> Tensor:
     """Pixels ``(N, C, H, W)`` in [-1, 1] (any device) -> what the UNet denoises, on the device (VAE latents: the
     mean, times the scale)."""
-    pixels = pixels.to(c.compute.device)
     if c.vae is None:
-        return pixels
-    return _in_batches(lambda x: c.vae.encode(x).latent_dist.mode() * c.vae.config.scaling_factor, pixels)
+        return pixels.to(c.compute.device)
+    # batch by batch onto the device: only the latents of a whole folder are kept there (8x smaller per side)
+    return _in_batches(lambda x: c.vae.encode(x.to(c.compute.device)).latent_dist.mode() * c.vae.config.scaling_factor,
+                       pixels)
 
 
 @torch.no_grad()
