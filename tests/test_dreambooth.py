@@ -156,6 +156,21 @@ def test_grad_scaler_step_with_an_inf_gradient_changes_nothing():
     assert optimizer.num_skipped == 1 and scaler.get_scale() == 2.0 ** 7
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_tdlrt_adapters_train_under_autocast(dtype):
+    """Under autocast the convolutions save half-precision activations: the Tucker and matrix conv backwards
+    (and the linear one) still deliver float32 factor gradients, and the TDLRT step takes them."""
+    unet = get_peft_model(tiny_unet(), config())
+    optimizer = TDLRTOptimizer(unet, lr=1e-2)
+    with torch.autocast("cpu", dtype=dtype):
+        loss = denoise_loss(unet)
+    loss.float().backward()
+    grads = [p.grad for p in unet.parameters() if p.requires_grad]
+    assert grads and all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+    optimizer.step()
+    assert optimizer.num_steps == 1
+
+
 def test_save_load_round_trip(tmp_path):
     model = get_peft_model(tiny_unet(), config())
     train(model, steps=3)

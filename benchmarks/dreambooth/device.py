@@ -78,6 +78,11 @@ class Compute:
         through unchanged (``scale`` returns the loss, ``step`` calls ``optimizer.step()``)."""
         return torch.amp.GradScaler(self.device.type, enabled=self.autocast_dtype == torch.float16)
 
+    def synchronize(self) -> None:
+        """Wait for the device's queued work (CUDA runs asynchronously: a clock read would miss it)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
     def randn(self, shape, generator: torch.Generator) -> Tensor:
         return torch.randn(shape, generator=generator).to(self.device)
 

@@ -183,8 +183,10 @@ def one_run(prep: Prepared, method: str, size: float, seed: int, args, progress:
     torch.manual_seed(seed)                                      # the adapter's initialisation
     adapted = methods.build(method, size, base_unet_copy(prep, args), prep.targets, args)
     model = adapted.model
+    prep.parts.compute.synchronize()                             # the copy of the UNet is not training time
     start = time.perf_counter()
     loss = train(prep, adapted, seed, args, name, progress)
+    prep.parts.compute.synchronize()
     seconds = time.perf_counter() - start
     record = {"method": method, "seed": seed, methods.SIZE_NAME[method]: size,
               "trainable_params": adapted.count(),
