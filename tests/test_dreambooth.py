@@ -156,6 +156,21 @@ def test_grad_scaler_step_with_an_inf_gradient_changes_nothing():
     assert optimizer.num_skipped == 1 and scaler.get_scale() == 2.0 ** 7
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_tdlrt_adapters_train_under_autocast(dtype):
+    """Under autocast the convolutions save half-precision activations: the Tucker and matrix conv backwards
+    (and the linear one) still deliver float32 factor gradients, and the TDLRT step takes them."""
+    unet = get_peft_model(tiny_unet(), config())
+    optimizer = TDLRTOptimizer(unet, lr=1e-2)
+    with torch.autocast("cpu", dtype=dtype):
+        loss = denoise_loss(unet)
+    loss.float().backward()
+    grads = [p.grad for p in unet.parameters() if p.requires_grad]
+    assert grads and all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+    optimizer.step()
+    assert optimizer.num_steps == 1
+
+
 def test_save_load_round_trip(tmp_path):
     model = get_peft_model(tiny_unet(), config())
     train(model, steps=3)
@@ -328,3 +343,235 @@ def test_offline_base_and_subject_build_and_load(tmp_path):
     folders = offline_subject(tmp_path / "subject")
     assert {name: len(image_files(f, name)) for name, f in folders.items()} == {
         name: spec[3] for name, spec in SUBJECT_SPLITS.items()}
+
+
+# --------------------------------------------------------------------- the runner's device and precision
+def parsed(monkeypatch, cuda: bool, *argv, bf16: bool = True, devices: int = 1):
+    """``parse_args`` as on a machine with (``cuda``) or without a GPU: the argument checks only."""
+    from benchmarks.dreambooth.args import parse_args
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: devices if cuda else 0)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+    return parse_args(list(argv))
+
+
+@pytest.mark.parametrize("cuda, device, workers", [(False, "cpu", 2), (True, "cuda", 1)])
+def test_runner_device_defaults_to_cuda_when_available(monkeypatch, cuda, device, workers):
+    args = parsed(monkeypatch, cuda)
+    assert (args.device, args.workers, args.mixed_precision) == (device, workers, "no")
+
+
+@pytest.mark.parametrize("cuda, argv, expected", [
+    (False, ["--device", "cuda"], ["--device cuda", "CUDA is not available", "--device cpu"]),
+    (False, ["--device", "cuda:0"], ["--device cuda:0", "CUDA is not available", "--device cpu"]),
+    (True, ["--device", "cuda:2"], ["--device cuda:2", "1 CUDA device(s)", "cuda:0"]),
+    (True, ["--device", "gpu"], ["--device gpu", "cpu, cuda or cuda:N"]),
+    (True, ["--device", "meta"], ["--device meta", "supports cpu, cuda"]),
+])
+def test_runner_refuses_a_device_it_cannot_use_and_names_the_fix(monkeypatch, cuda, argv, expected):
+    from benchmarks.dreambooth import RunnerError
+
+    with pytest.raises(RunnerError) as err:
+        parsed(monkeypatch, cuda, *argv)
+    assert all(part in str(err.value) for part in expected), str(err.value)
+
+
+def test_runner_refuses_bf16_on_a_gpu_without_it(monkeypatch):
+    from benchmarks.dreambooth import RunnerError
+
+    with pytest.raises(RunnerError, match="does not support bfloat16; use --mixed_precision fp16"):
+        parsed(monkeypatch, True, "--mixed_precision", "bf16", bf16=False)
+    assert parsed(monkeypatch, False, "--mixed_precision", "bf16").mixed_precision == "bf16"   # CPU: fine
+
+
+def test_runner_runs_one_worker_per_gpu(monkeypatch, capsys):
+    assert parsed(monkeypatch, True, "--device", "cuda:0", "--workers", "4").workers == 1
+    assert "--workers 4 with --device cuda:0: one process per GPU" in capsys.readouterr().err
+    assert parsed(monkeypatch, False, "--workers", "4").workers == 4
+
+
+def test_fp16_alone_scales_the_loss():
+    from benchmarks.dreambooth.device import CPU, Compute
+
+    assert Compute(autocast_dtype=torch.float16).grad_scaler().is_enabled()
+    assert not Compute(autocast_dtype=torch.bfloat16).grad_scaler().is_enabled()
+    assert not CPU.grad_scaler().is_enabled() and CPU.autocast_dtype is None
+
+
+def fake_prep(compute, scheduler, with_classes=True):
+    """The fields of ``run.Prepared`` that ``run.training_batch`` reads, on ``compute.device``."""
+    from types import SimpleNamespace
+
+    def latents(n):
+        return torch.arange(n * 4, dtype=torch.float32).reshape(n, 1, 2, 2).to(compute.device)
+
+    context = torch.ones(1, 3, 5, device=compute.device)
+    return SimpleNamespace(parts=SimpleNamespace(compute=compute, scheduler=scheduler), instance=latents(5),
+                           classes=latents(7) if with_classes else None, instance_context=context,
+                           class_context=2 * context)
+
+
+@pytest.mark.parametrize("with_classes", [True, False])
+def test_cpu_training_draws_are_those_of_the_runner_before_devices(with_classes):
+    """The batch, noise and timesteps of a step: the very draws of the runner before --device (its code, inlined
+    here), so CPU runs, tests and the measured tables are unchanged."""
+    from benchmarks.dreambooth.device import CPU
+    from benchmarks.dreambooth.run import training_batch
+
+    scheduler = diffusers.DDPMScheduler(num_train_timesteps=100)
+    prep, batch = fake_prep(CPU, scheduler, with_classes), 3
+    g, g_before = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    for _ in range(2):
+        b = training_batch(prep, batch, g)
+        x = prep.instance[torch.randint(0, len(prep.instance), (batch,), generator=g_before)]
+        if with_classes:
+            x = torch.cat([x, prep.classes[torch.randint(0, len(prep.classes), (batch,), generator=g_before)]])
+        noise = torch.randn(x.shape, generator=g_before)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (len(x),), generator=g_before)
+        assert torch.equal(b.latents, x) and torch.equal(b.noise, noise) and torch.equal(b.timesteps, t)
+        assert b.context.shape == (len(x), 3, 5)
+
+
+def test_cpu_evaluation_draws_are_those_of_the_runner_before_devices():
+    from benchmarks.dreambooth.device import CPU
+    from benchmarks.dreambooth.pipeline import eval_noise_and_timesteps
+
+    noise, steps = eval_noise_and_timesteps(CPU, 1000, (6, 4, 8, 8), 10, seed=1234)
+    assert torch.equal(noise, torch.randn((10, 6, 4, 8, 8), generator=torch.Generator().manual_seed(1234)))
+    assert torch.equal(steps, torch.linspace(50, 950, 10).round().long())
+
+
+def test_another_device_draws_the_same_numbers_and_keeps_every_tensor_there():
+    """``meta`` stands in for a GPU: every drawn tensor lands on the device, and the generator advances exactly
+    as on the CPU (a GPU run sees the CPU run's batches, noise and timesteps)."""
+    from benchmarks.dreambooth.device import CPU, Compute
+    from benchmarks.dreambooth.pipeline import eval_noise_and_timesteps
+    from benchmarks.dreambooth.run import training_batch
+
+    meta = Compute(torch.device("meta"))
+    scheduler = diffusers.DDPMScheduler(num_train_timesteps=100)
+    g_cpu, g_meta = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    training_batch(fake_prep(CPU, scheduler), 2, g_cpu)
+    b = training_batch(fake_prep(meta, scheduler), 2, g_meta)
+    assert all(t.is_meta for t in (b.latents, b.context, b.noise, b.timesteps))
+    assert torch.equal(g_cpu.get_state(), g_meta.get_state())
+    assert all(t.is_meta for t in eval_noise_and_timesteps(meta, 100, (2, 1, 4, 4), 3, seed=0))
+
+
+def test_components_load_onto_the_chosen_device(tiny_folder):
+    """Every parameter and buffer of every part, the text encoder's inputs and the latents on the device (meta:
+    the plumbing of a GPU run without a GPU)."""
+    from types import SimpleNamespace
+
+    from benchmarks.dreambooth.device import Compute
+    from benchmarks.dreambooth.pipeline import encode_prompts, load_components, to_latents
+
+    parts = load_components(str(tiny_folder), Compute(torch.device("meta")))
+    tensors = [t for m in (parts.unet, parts.text_encoder) for t in (*m.parameters(), *m.buffers())]
+    assert tensors and all(t.is_meta for t in tensors)
+    seen = {}
+
+    def text_encoder(**inputs):    # BERT's mask check reads a value, which meta tensors cannot: record instead
+        seen.update({name: t.device.type for name, t in inputs.items()})
+        return SimpleNamespace(last_hidden_state=torch.zeros(*inputs["input_ids"].shape, 4, device="meta"))
+
+    parts.text_encoder = text_encoder
+    assert encode_prompts(parts, ["a photo of sks dog", ""]).is_meta
+    assert seen == {"input_ids": "meta", "attention_mask": "meta"}
+    assert to_latents(parts, torch.zeros(2, 1, 8, 8)).is_meta
+
+
+def test_components_load_in_float32_whatever_the_folder_stores(tiny_folder, tmp_path):
+    """A folder saved in float16 (like a hub fp16 download) loads in float32: --mixed_precision is autocast."""
+    import shutil
+
+    from transformers import AutoModel
+
+    from benchmarks.dreambooth.pipeline import load_components
+
+    folder = tmp_path / "fp16"
+    shutil.copytree(tiny_folder, folder)
+    diffusers.UNet2DConditionModel.from_pretrained(tiny_folder / "unet").half().save_pretrained(folder / "unet")
+    # transformers 5 loads a text encoder in its stored dtype (diffusers upcasts the UNet by itself)
+    AutoModel.from_pretrained(tiny_folder / "text_encoder").half().save_pretrained(folder / "text_encoder")
+    parts = load_components(str(folder))
+    assert {p.dtype for m in (parts.unet, parts.text_encoder) for p in m.parameters()} == {torch.float32}
+
+
+def test_vae_latents_are_encoded_in_batches_like_all_at_once():
+    from benchmarks.dreambooth.pipeline import VAE_BATCH_SIZE, Components, to_latents, to_pixels
+
+    torch.manual_seed(0)
+    vae = diffusers.AutoencoderKL(block_out_channels=(8,), norm_num_groups=4, latent_channels=2).eval()
+    parts = Components(None, None, None, None, vae, "tiny")
+    pixels = torch.rand(VAE_BATCH_SIZE + 3, 3, 8, 8) * 2 - 1
+    latents = to_latents(parts, pixels)
+    with torch.no_grad():
+        expected = vae.encode(pixels).latent_dist.mode() * vae.config.scaling_factor
+    torch.testing.assert_close(latents, expected, atol=1e-5, rtol=1e-5)
+    assert to_pixels(parts, latents).shape == pixels.shape
+
+
+@pytest.fixture(scope="module")
+def runner_prep(tiny_folder, instance_dir, tmp_path_factory):
+    """``run.prepare`` on the tiny folder, on the CPU (no class images: no prior preservation)."""
+    from benchmarks.dreambooth.args import parse_args
+    from benchmarks.dreambooth.run import fill_offline_defaults, prepare
+
+    args = parse_args(runner_args(tiny_folder, instance_dir, tmp_path_factory.mktemp("prep"), "--device", "cpu",
+                                  "--no-with_prior_preservation", "--prior_eval_data_dir", str(instance_dir)))
+    fill_offline_defaults(args)
+    return args, prepare(args)
+
+
+def test_prepared_parts_and_tensors_are_on_the_chosen_device(runner_prep):
+    args, prep = runner_prep
+    assert args.device == "cpu" and prep.parts.compute.device == torch.device("cpu")
+    modules = (prep.parts.unet, prep.parts.text_encoder)
+    tensors = [prep.instance, prep.validation, prep.prior_eval, prep.instance_context, prep.class_context,
+               prep.empty_context, *(t for m in modules for t in (*m.parameters(), *m.buffers()))]
+    assert all(t.device.type == "cpu" for t in tensors)
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(runner_prep):
+    from benchmarks.dreambooth import methods
+    from benchmarks.dreambooth.run import base_unet_copy, training_batch, training_loss
+
+    args, prep = runner_prep
+    b = training_batch(prep, 2, torch.Generator().manual_seed(0))
+    results = []
+    for checkpointing in (False, True):
+        args.gradient_checkpointing = checkpointing
+        torch.manual_seed(0)
+        unet = base_unet_copy(prep, args)
+        assert unet.is_gradient_checkpointing == checkpointing
+        model = methods.build("tdlrt", 0.1, unet, prep.targets, args).model.train()
+        loss = training_loss(prep, model, b, 2, args.prior_loss_weight)
+        loss.backward()
+        results.append((loss, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
+    args.gradient_checkpointing = False
+    (loss, grads), (loss_ckpt, grads_ckpt) = results
+    assert grads and all(g is not None for g in grads_ckpt.values())
+    torch.testing.assert_close(loss_ckpt, loss, atol=0, rtol=0)
+    torch.testing.assert_close(grads_ckpt, grads, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("precision, checkpointing", [("bf16", False), ("fp16", True)])
+def test_runner_end_to_end_in_mixed_precision(tiny_folder, instance_dir, tmp_path, precision, checkpointing):
+    import json
+    import math
+
+    from benchmarks.dreambooth.__main__ import main
+
+    out = tmp_path / "out"
+    extra = ["--gradient_checkpointing"] if checkpointing else []
+    assert main(runner_args(tiny_folder, instance_dir, out, "--method", "tdlrt", "lora", "--mixed_precision",
+                            precision, "--device", "cpu", *extra)) == 0
+    runs = [json.loads(p.read_text()) for p in (out / "runs").glob("*.json")]
+    assert {r["method"] for r in runs} == {"tdlrt", "lora"}
+    for r in runs:
+        assert r["settings"]["mixed_precision"] == precision and r["settings"]["device"] == "cpu"
+        assert r["settings"]["gradient_checkpointing"] == checkpointing
+        assert all(math.isfinite(r[k]) for k in ("subject_loss", "prior_loss_after", "final_train_loss"))

@@ -12,10 +12,12 @@ from pathlib import Path
 
 from . import RunnerError
 from .data import check_images
+from .device import AUTOCAST_DTYPES, check_device, check_mixed_precision, default_device, is_cuda
 from .methods import DEFAULT_TARGETS, METHODS
 
 OFFLINE_INSTANCE_PROMPT = "a photo of sks sneaker"
 OFFLINE_CLASS_PROMPT = "a photo of a sneaker"
+CPU_WORKERS = 2           # the offline default's processes on a CPU (one thread each); one process per GPU
 
 
 def parser() -> argparse.ArgumentParser:
@@ -71,6 +73,14 @@ def parser() -> argparse.ArgumentParser:
         "Instance images per step (as many class images again with prior preservation)."))
     train.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping norm (0: none).")
     train.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="One run per seed.")
+    train.add_argument("--device", default=default_device(), help=(
+        "Where every model part and tensor lives: cpu, cuda or cuda:N (default: cuda if available, else cpu)."))
+    train.add_argument("--mixed_precision", choices=tuple(AUTOCAST_DTYPES), default="no", help=(
+        "Autocast dtype of the UNet's forwards (training, losses, sampling), as in diffusers' scripts: no "
+        "(float32), bf16, or fp16 (with a torch.amp.GradScaler). Adapters, optimizer states, text encoder and "
+        "VAE stay float32."))
+    train.add_argument("--gradient_checkpointing", action="store_true", help=(
+        "Recompute the UNet's activations in the backward (less memory, slower; for large models)."))
     evaluation = p.add_argument_group("evaluation and output")
     evaluation.add_argument("--num_eval_timesteps", type=int, default=10, help=(
         "Fixed timesteps (with fixed noise) of the denoising losses."))
@@ -82,8 +92,9 @@ def parser() -> argparse.ArgumentParser:
         "Run JSONs (runs/), results.md, the plots, samples/ and class_images/ go here; the report covers every "
         "run JSON in runs/."))
     evaluation.add_argument("--save_adapters", action="store_true", help="Save every adapter (save_pretrained).")
-    evaluation.add_argument("--workers", type=int, default=2, help=(
-        "Runs in parallel processes, one thread each (small models train faster this way than with threads)."))
+    evaluation.add_argument("--workers", type=int, default=None, help=(
+        f"Runs in parallel processes, one thread each (small models train faster this way than with threads). "
+        f"Default: {CPU_WORKERS} on the CPU, 1 on a GPU (one process per GPU: more are reduced to 1)."))
     evaluation.add_argument("--threads", type=int, default=1, help=(
         "torch intra-op threads per process (on a shared or small CPU, one thread per process is fastest)."))
     evaluation.add_argument("--cache_dir", default=None, help="Offline base model cache (default: "
@@ -113,8 +124,12 @@ def validate(args: argparse.Namespace) -> argparse.Namespace:
         raise RunnerError(f"--tdlrt_r {args.tdlrt_r} --tdlrt_r_max {args.tdlrt_r_max}: need 1 <= r <= r_max")
     for flag in ("max_train_steps", "train_batch_size", "num_eval_timesteps", "num_samples", "num_inference_steps",
                  "workers", "threads"):
-        if getattr(args, flag) < 1:
-            raise RunnerError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+        value = getattr(args, flag)
+        if value is not None and value < 1:      # None: the default (--workers)
+            raise RunnerError(f"--{flag} must be >= 1, got {value}")
+    check_device(args.device)
+    check_mixed_precision(args.mixed_precision, args.device)
+    args.workers = workers_for(args.workers, args.device)
     if args.with_prior_preservation and args.num_class_images < 1:
         raise RunnerError("--with_prior_preservation needs --num_class_images >= 1")
     if args.resolution is not None and args.resolution < 8:
@@ -128,3 +143,14 @@ def validate(args: argparse.Namespace) -> argparse.Namespace:
     if args.instance_data_dir is not None and args.instance_prompt == OFFLINE_INSTANCE_PROMPT:
         print(f"note: --instance_prompt is the offline default {OFFLINE_INSTANCE_PROMPT!r}", file=sys.stderr)
     return args
+
+
+def workers_for(requested: int | None, device: str) -> int:
+    """Worker processes: one on a GPU (parallel processes would each hold a copy of the model on the same GPU and
+    compete for it; the runs go one after another instead), else ``requested`` or the CPU default."""
+    if not is_cuda(device):
+        return CPU_WORKERS if requested is None else requested
+    if requested is not None and requested > 1:
+        print(f"note: --workers {requested} with --device {device}: one process per GPU, the runs go one after "
+              "another (--workers 1)", file=sys.stderr)
+    return 1

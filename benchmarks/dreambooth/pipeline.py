@@ -4,6 +4,9 @@ them: encode prompts and images, measure the denoising loss at fixed timesteps a
 A folder holds ``unet/``, ``scheduler/``, ``tokenizer/``, ``text_encoder/`` (any ``AutoModel`` text encoder:
 CLIP for Stable Diffusion, MiniLM for the offline base) and optionally ``vae/`` (then the UNet works on VAE
 latents; without it, on pixels). The text encoder is frozen: prompts are encoded once.
+
+Every part lives on ``Components.compute.device``; the UNet's forwards run under its autocast (``--mixed_precision``),
+the text encoder and the VAE in float32 (each runs once per image or prompt, and the VAE overflows in fp16).
 """
 
 from __future__ import annotations
@@ -16,8 +19,10 @@ import torch
 from torch import Tensor
 
 from . import RunnerError
+from .device import CPU, Compute
 
 MAX_PROMPT_TOKENS = 77
+VAE_BATCH_SIZE = 8       # images per VAE encode/decode: at 512 x 512 a whole class folder at once runs out of memory
 
 
 @dataclass
@@ -28,6 +33,7 @@ class Components:
     text_encoder: torch.nn.Module
     vae: torch.nn.Module | None
     source: str
+    compute: Compute = CPU
 
     @property
     def image_channels(self) -> int:
@@ -41,8 +47,8 @@ class Components:
         return int(self.unet.config.sample_size) * factor
 
 
-def load_components(name_or_path: str) -> Components:
-    """Load every component, or raise a RunnerError that says what to do instead."""
+def load_components(name_or_path: str, compute: Compute = CPU) -> Components:
+    """Load every component onto ``compute.device``, or raise a RunnerError that says what to do instead."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import AutoModel, AutoTokenizer
 
@@ -74,8 +80,10 @@ def load_components(name_or_path: str) -> Components:
         raise RunnerError(f"cannot load {name_or_path!r} from the Hugging Face hub: {hint}. ({err})") from err
     for module in (unet, text_encoder, vae):
         if module is not None:
-            module.requires_grad_(False).eval()
-    return Components(unet, scheduler, tokenizer, text_encoder, vae, source)
+            # float32 whatever the folder stores (an fp16 download): the adapters and the optimizer work in
+            # float32 and --mixed_precision is autocast, never half-precision weights
+            module.requires_grad_(False).eval().to(compute.device, torch.float32)
+    return Components(unet, scheduler, tokenizer, text_encoder, vae, source, compute)
 
 
 def _hub_has_vae(repo: str) -> bool:
@@ -94,25 +102,32 @@ def encode_prompts(c: Components, prompts: list[str]) -> Tensor:
     """Text encoder's last hidden states ``(P, L, D)``, every prompt padded to the same length ``L``."""
     length = min(int(getattr(c.tokenizer, "model_max_length", MAX_PROMPT_TOKENS)), MAX_PROMPT_TOKENS)
     tokens = c.tokenizer(prompts, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
-    inputs = {"input_ids": tokens.input_ids}
+    inputs = {"input_ids": tokens.input_ids.to(c.compute.device)}
     if "attention_mask" in tokens and "clip" not in type(c.text_encoder).__name__.lower():
-        inputs["attention_mask"] = tokens.attention_mask
+        inputs["attention_mask"] = tokens.attention_mask.to(c.compute.device)
     return c.text_encoder(**inputs).last_hidden_state.float()
 
 
 @torch.no_grad()
 def to_latents(c: Components, pixels: Tensor) -> Tensor:
-    """Pixels ``(N, C, H, W)`` in [-1, 1] -> what the UNet denoises (VAE latents: the mean, times the scale)."""
+    """Pixels ``(N, C, H, W)`` in [-1, 1] (any device) -> what the UNet denoises, on the device (VAE latents: the
+    mean, times the scale)."""
     if c.vae is None:
-        return pixels
-    return c.vae.encode(pixels).latent_dist.mode() * c.vae.config.scaling_factor
+        return pixels.to(c.compute.device)
+    # batch by batch onto the device: only the latents of a whole folder are kept there (8x smaller per side)
+    return _in_batches(lambda x: c.vae.encode(x.to(c.compute.device)).latent_dist.mode() * c.vae.config.scaling_factor,
+                       pixels)
 
 
 @torch.no_grad()
 def to_pixels(c: Components, latents: Tensor) -> Tensor:
     if c.vae is None:
         return latents.clamp(-1, 1)
-    return c.vae.decode(latents / c.vae.config.scaling_factor).sample.clamp(-1, 1)
+    return _in_batches(lambda z: c.vae.decode(z / c.vae.config.scaling_factor).sample.clamp(-1, 1), latents)
+
+
+def _in_batches(fn, x: Tensor, batch_size: int = VAE_BATCH_SIZE) -> Tensor:
+    return torch.cat([fn(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
 
 
 def training_target(scheduler, latents: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
@@ -127,18 +142,25 @@ def training_target(scheduler, latents: Tensor, noise: Tensor, timesteps: Tensor
     raise RunnerError(f"scheduler prediction_type {kind!r} is not supported (epsilon, v_prediction, sample).")
 
 
+def eval_noise_and_timesteps(compute: Compute, total_timesteps: int, shape: tuple[int, ...], num_timesteps: int,
+                              seed: int) -> tuple[Tensor, Tensor]:
+    """The fixed evaluation draw: noise ``(K, *shape)`` and ``K`` timesteps evenly spaced over the training range."""
+    steps = torch.linspace(0.05 * total_timesteps, 0.95 * total_timesteps, num_timesteps).round().long()   # (K,)
+    noise = compute.randn((num_timesteps, *shape), torch.Generator().manual_seed(seed))                   # (K, ...)
+    return noise, steps.to(compute.device)
+
+
 @torch.no_grad()
-def denoising_loss(unet, scheduler, latents: Tensor, context: Tensor, num_timesteps: int, seed: int = 1234,
+def denoising_loss(c: Components, unet, latents: Tensor, context: Tensor, num_timesteps: int, seed: int = 1234,
                    batch_size: int = 64) -> float:
     """Mean squared error of the UNet's prediction on every latent at ``num_timesteps`` fixed timesteps (evenly
     spaced over the training range) with fixed noise: the same numbers for every model evaluated on them.
 
-    ``latents`` (N, C, H, W); ``context`` (1, L, D), the prompt's encoding.
+    ``latents`` (N, C, H, W); ``context`` (1, L, D), the prompt's encoding; both on the device.
     """
-    total = scheduler.config.num_train_timesteps
-    steps = torch.linspace(0.05 * total, 0.95 * total, num_timesteps).round().long()          # (K,)
-    g = torch.Generator().manual_seed(seed)
-    noise = torch.randn((num_timesteps, *latents.shape), generator=g)                         # (K, N, C, H, W)
+    scheduler = c.scheduler
+    noise, steps = eval_noise_and_timesteps(c.compute, scheduler.config.num_train_timesteps, tuple(latents.shape),
+                                            num_timesteps, seed)
     x0 = latents.unsqueeze(0).expand_as(noise).reshape(-1, *latents.shape[1:])                # (K*N, C, H, W)
     t = steps.repeat_interleave(len(latents))                                                 # (K*N,)
     noise = noise.reshape_as(x0)
@@ -146,7 +168,8 @@ def denoising_loss(unet, scheduler, latents: Tensor, context: Tensor, num_timest
     for i in range(0, len(x0), batch_size):
         part = slice(i, i + batch_size)
         noisy = scheduler.add_noise(x0[part], noise[part], t[part])
-        pred = unet(noisy, t[part], context.expand(len(noisy), -1, -1)).sample
+        with c.compute.autocast():
+            pred = unet(noisy, t[part], context.expand(len(noisy), -1, -1)).sample
         squared += float((pred.float() - training_target(scheduler, x0[part], noise[part], t[part])).pow(2).sum())
         count += pred.numel()
     return squared / count
@@ -163,7 +186,7 @@ def sample(c: Components, unet, context: Tensor, uncond: Tensor, n: int, seed: i
     scheduler.set_timesteps(steps)
     size = int(unet.config.sample_size)
     g = torch.Generator().manual_seed(seed)
-    latents = torch.randn((n, unet.config.in_channels, size, size), generator=g) * scheduler.init_noise_sigma
+    latents = c.compute.randn((n, unet.config.in_channels, size, size), g) * scheduler.init_noise_sigma
     images = []
     for i in range(0, n, batch_size):
         x = latents[i:i + batch_size]
@@ -171,7 +194,9 @@ def sample(c: Components, unet, context: Tensor, uncond: Tensor, n: int, seed: i
         both = torch.cat([uncond.expand(len(x), -1, -1), context.expand(len(x), -1, -1)]) if guided else \
             context.expand(len(x), -1, -1)
         for t in scheduler.timesteps:
-            pred = unet(scheduler.scale_model_input(torch.cat([x, x]) if guided else x, t), t, both).sample
+            with c.compute.autocast():
+                pred = unet(scheduler.scale_model_input(torch.cat([x, x]) if guided else x, t), t, both).sample
+            pred = pred.float()      # the DDIM update in float32 (a no-op without autocast)
             if guided:
                 free, pred = pred.chunk(2)
                 pred = free + guidance_scale * (pred - free)

@@ -4,6 +4,9 @@ each run copy the base UNet, add the adapter, train with prior preservation, mea
 Losses (``pipeline.denoising_loss``): ``subject_loss`` on the validation images with the instance prompt,
 ``prior_loss_before`` / ``prior_loss_after`` on the prior-evaluation images with the class prompt, by the base
 model and by the trained one; every model sees the same timesteps and noise.
+
+Everything runs on ``--device`` (``device.Compute``): the model parts, the latents and the prompt encodings are
+moved there once (``prepare``); random numbers are drawn on the CPU and moved, so CPU runs are unchanged.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from torch import Tensor
 from . import methods
 from .base import BaseRecipe, offline_base
 from .data import image_files, load_images, offline_subject, save_images
+from .device import Compute
 from .pipeline import Components, denoising_loss, encode_prompts, load_components, sample, to_latents, training_target
 
 SAMPLE_SEED = 0
@@ -33,7 +37,7 @@ class Prepared:
 
     parts: Components
     targets: list[str]
-    instance: Tensor          # (N_i, C, h, w) latents of the instance images
+    instance: Tensor          # (N_i, C, h, w) latents of the instance images (all tensors on the device)
     classes: Tensor | None    # (N_c, C, h, w) latents of the class images (prior preservation)
     validation: Tensor        # subject_loss images
     prior_eval: Tensor        # prior_loss images
@@ -62,7 +66,7 @@ def fill_offline_defaults(args) -> None:
 
 def prepare(args, generate: bool = False) -> Prepared:
     """Load the model and every image set; ``generate``: first make the missing class images."""
-    parts = load_components(args.pretrained_model_name_or_path)
+    parts = load_components(args.pretrained_model_name_or_path, Compute.from_args(args))
     targets = methods.resolve_targets(parts.unet, args.target_modules)
     resolution = args.resolution or parts.resolution
     contexts = encode_prompts(parts, [args.instance_prompt, args.class_prompt, ""])            # (3, L, D)
@@ -100,50 +104,90 @@ def make_class_images(args, parts: Components, class_context: Tensor, empty_cont
 
 
 def loss_on(prep: Prepared, unet, latents: Tensor, context: Tensor, args) -> float:
-    return denoising_loss(unet, prep.parts.scheduler, latents, context, args.num_eval_timesteps)
+    return denoising_loss(prep.parts, unet, latents, context, args.num_eval_timesteps)
 
 
 def run_name(method: str, size: float, seed: int) -> str:
     return f"{method}_{methods.SIZE_NAME[method]}{size:g}_seed{seed}"
 
 
-def one_run(prep: Prepared, method: str, size: float, seed: int, args, progress: bool = True) -> dict:
-    """Train one adapter and measure it; writes ``runs/<name>.json`` (and samples for the first seed)."""
+@dataclass
+class TrainingBatch:
+    """One step's examples: instance (then class) latents, their prompt encodings, noise and timesteps."""
+
+    latents: Tensor    # (B or 2B, C, h, w)
+    context: Tensor    # (B or 2B, L, D)
+    noise: Tensor      # like latents
+    timesteps: Tensor  # (B or 2B,)
+
+
+def training_batch(prep: Prepared, batch: int, g: torch.Generator) -> TrainingBatch:
+    """Draw one step's batch from ``g``: always on the CPU and in this order (instance indices, class indices,
+    noise, timesteps), which is what keeps CPU runs identical whatever the device (``device`` module)."""
+    compute = prep.parts.compute
+    x = prep.instance[compute.randint(len(prep.instance), (batch,), g)]                      # (B, C, h, w)
+    context = prep.instance_context.expand(batch, -1, -1)
+    if prep.classes is not None:   # instance and class examples in one batch
+        x = torch.cat([x, prep.classes[compute.randint(len(prep.classes), (batch,), g)]])
+        context = torch.cat([context, prep.class_context.expand(batch, -1, -1)])
+    noise = compute.randn(x.shape, g)
+    t = compute.randint(prep.parts.scheduler.config.num_train_timesteps, (len(x),), g)
+    return TrainingBatch(x, context, noise, t)
+
+
+def training_loss(prep: Prepared, model, b: TrainingBatch, batch: int, prior_loss_weight: float) -> Tensor:
+    """Denoising MSE of the instance half plus ``prior_loss_weight`` x that of the class half (when there is one);
+    the UNet's forward under autocast, the loss in float32."""
+    scheduler = prep.parts.scheduler
+    noisy = scheduler.add_noise(b.latents, b.noise, b.timesteps)
+    with prep.parts.compute.autocast():
+        pred = model(noisy, b.timesteps, b.context).sample
+    error = (pred.float() - training_target(scheduler, b.latents, b.noise, b.timesteps)).pow(2)
+    loss = error[:batch].mean()
+    if prep.classes is not None:
+        loss = loss + prior_loss_weight * error[batch:].mean()
+    return loss
+
+
+def train(prep: Prepared, adapted: methods.Adapted, seed: int, args, desc: str, progress: bool) -> Tensor:
+    """``--max_train_steps`` optimizer steps (constant learning rate, clipping, fp16 loss scaling); returns the
+    last loss."""
     from diffusers.optimization import get_scheduler
     from tqdm.auto import tqdm
 
+    model, optimizer = adapted.model, adapted.optimizer
+    lr_schedule = get_scheduler("constant", optimizer)
+    scaler = prep.parts.compute.grad_scaler()     # a pass-through unless --mixed_precision fp16
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    g = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in tqdm(range(args.max_train_steps), desc=desc, disable=not progress, leave=False):
+        b = training_batch(prep, args.train_batch_size, g)
+        loss = training_loss(prep, model, b, args.train_batch_size, args.prior_loss_weight)
+        scaler.scale(loss).backward()
+        if args.max_grad_norm > 0:
+            scaler.unscale_(optimizer)           # clip the true gradients, not the scaled ones
+            torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+        scaler.step(optimizer)                   # skips the step on non-finite fp16 gradients
+        scaler.update()
+        lr_schedule.step()
+        optimizer.zero_grad()
+    model.eval()
+    return loss
+
+
+def one_run(prep: Prepared, method: str, size: float, seed: int, args, progress: bool = True) -> dict:
+    """Train one adapter and measure it; writes ``runs/<name>.json`` (and samples for the first seed)."""
     name = run_name(method, size, seed)
     out = Path(args.output_dir)
     torch.manual_seed(seed)                                      # the adapter's initialisation
-    adapted = methods.build(method, size, copy.deepcopy(prep.parts.unet), prep.targets, args)
-    model, optimizer, scheduler = adapted.model, adapted.optimizer, prep.parts.scheduler
-    lr_schedule = get_scheduler("constant", optimizer)
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    g = torch.Generator().manual_seed(seed)
-    batch = args.train_batch_size
-    model.train()
+    adapted = methods.build(method, size, base_unet_copy(prep, args), prep.targets, args)
+    model = adapted.model
+    prep.parts.compute.synchronize()                             # the copy of the UNet is not training time
     start = time.perf_counter()
-    for _ in tqdm(range(args.max_train_steps), desc=name, disable=not progress, leave=False):
-        x = prep.instance[torch.randint(0, len(prep.instance), (batch,), generator=g)]        # (B, C, h, w)
-        context = prep.instance_context.expand(batch, -1, -1)
-        if prep.classes is not None:   # instance and class examples in one batch
-            x = torch.cat([x, prep.classes[torch.randint(0, len(prep.classes), (batch,), generator=g)]])
-            context = torch.cat([context, prep.class_context.expand(batch, -1, -1)])
-        noise = torch.randn(x.shape, generator=g)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (len(x),), generator=g)
-        pred = model(scheduler.add_noise(x, noise, t), t, context).sample
-        error = (pred.float() - training_target(scheduler, x, noise, t)).pow(2)
-        loss = error[:batch].mean()
-        if prep.classes is not None:
-            loss = loss + args.prior_loss_weight * error[batch:].mean()
-        loss.backward()
-        if args.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-        optimizer.step()
-        lr_schedule.step()
-        optimizer.zero_grad()
+    loss = train(prep, adapted, seed, args, name, progress)
+    prep.parts.compute.synchronize()
     seconds = time.perf_counter() - start
-    model.eval()
     record = {"method": method, "seed": seed, methods.SIZE_NAME[method]: size,
               "trainable_params": adapted.count(),
               "subject_loss": loss_on(prep, model, prep.validation, prep.instance_context, args),
@@ -164,10 +208,19 @@ def one_run(prep: Prepared, method: str, size: float, seed: int, args, progress:
     return record
 
 
+def base_unet_copy(prep: Prepared, args) -> torch.nn.Module:
+    """A fresh copy of the base UNet for one run (on the device), with ``--gradient_checkpointing`` if asked."""
+    unet = copy.deepcopy(prep.parts.unet)
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()     # diffusers' non-reentrant checkpoints: frozen inputs are fine
+    return unet
+
+
 def _settings(args, prep: Prepared) -> dict:
     keys = ("pretrained_model_name_or_path", "instance_prompt", "class_prompt", "with_prior_preservation",
             "prior_loss_weight", "max_train_steps", "learning_rate", "train_batch_size", "max_grad_norm",
-            "instance_data_dir", "validation_data_dir", "prior_eval_data_dir", "num_eval_timesteps")
+            "instance_data_dir", "validation_data_dir", "prior_eval_data_dir", "num_eval_timesteps", "device",
+            "mixed_precision", "gradient_checkpointing")
     settings = {k: getattr(args, k) for k in keys}
     settings.update(targets=prep.targets, tdlrt={"r": args.tdlrt_r, "r_max": args.tdlrt_r_max,
                                                  "scale": args.tdlrt_scale, "lr": args.tdlrt_learning_rate})

@@ -174,6 +174,9 @@ class TuckerConvFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy: Tensor):
         x, z, a, core, *rest = ctx.saved_tensors
+        # under autocast the forward's convolutions saved half-precision activations: the backward runs in the
+        # factors' dtype (as the linear adapter's does), and dx goes back in the input's
+        z, a, x_dtype, x = z.to(core.dtype), a.to(core.dtype), x.dtype, x.to(core.dtype)
         d = core.dim()
         qs, rs, stored = rest[:d], rest[d:2 * d], iter(rest[2 * d:])
         factors = [next(stored) if f else None for f in ctx.factored]
@@ -197,7 +200,7 @@ class TuckerConvFunction(torch.autograd.Function):
         grads[1] = channel_gram(x, t)                     # G_K2 (in, q_2)
         dx = None
         if ctx.needs_input_grad[0]:
-            dx = channel_mix(t, U[1] @ rs[1].T).to(x.dtype)   # K_2 t: (B, in, *S)
+            dx = channel_mix(t, U[1] @ rs[1].T).to(x_dtype)   # K_2 t: (B, in, *S)
         factor_grads = [None if f is None else _grad_at_storage(f, g) for f, g in zip(factors, grads)]
         if ctx.tracker is not None:
             ctx.tracker.after_backward(factors[0])
@@ -233,6 +236,7 @@ class MatrixConvFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy: Tensor):
         x, a, U, S, V = ctx.saved_tensors
+        x_dtype, x, a = x.dtype, x.to(U.dtype), a.to(U.dtype)      # autocast: see TuckerConvFunction.backward
         r, geometry = ctx.r, ctx.geometry
         U_r, S_r, V_r = U[:, :r], S[:r, :r], V[:, :r]
         delta = dy.to(U.dtype)                                   # (B, out, *S')
@@ -244,7 +248,7 @@ class MatrixConvFunction(torch.autograd.Function):
         dx = None
         if ctx.needs_input_grad[0]:
             kernel = V_r.T.reshape(kernel_shape)
-            dx = geometry.input_grad(list(x.shape), kernel, channel_mix(delta_U, S_r.T)).to(x.dtype)
+            dx = geometry.input_grad(list(x.shape), kernel, channel_mix(delta_U, S_r.T)).to(x_dtype)
         if ctx.tracker is not None:
             ctx.tracker.after_backward(U)
         return (dx, _grad_at_storage(U, G_K), _grad_at_storage(S, G_S), _grad_at_storage(V, G_L),
