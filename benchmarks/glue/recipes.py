@@ -60,6 +60,10 @@ class Recipe:
     tdlrt_dropout: float = _f(0.1, "TDLRT adapter input dropout.")
     tdlrt_scale: float = _f(1.0, "TDLRT constant output scale s (independent of the rank).")
     core_optimizer: str = _f("adam", "TDLRT core optimiser inside the integrator step (adam or sgd).")
+    truncation_interval: int = _f(1, "TDLRT: apply the tau rule every N optimizer steps (and at the last); the "
+                                     "steps in between keep every augmented direction up to r_max.")
+    rank_freeze_fraction: float | None = _f(None, "TDLRT: freeze every rank after this fraction of the optimizer "
+                                                  "steps (ablation); None: ranks adapt until the end.")
 
 
 _BASE = Recipe()

@@ -61,8 +61,8 @@ def _count(n: float) -> str:
 
 def markdown_table(results: list[dict]) -> str:
     """One row per task and method; scores ×100 as in the papers' tables."""
-    lines = ["| Task | Method | Seeds | Score (×100) | All metrics (×100) | Trainable params | Train s "
-             "| Peak MiB |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| Task | Method | Seeds | Score (×100) | All metrics (×100) | Trainable params | Rank changes "
+             "after 10 % | Train s | Peak MiB |", "|---|---|---|---|---|---|---|---|---|"]
     for (task, method), runs in _groups(results).items():
         names = list(runs[0]["metrics"])
         main = runs[0].get("main_metric", names[0])
@@ -71,7 +71,9 @@ def markdown_table(results: list[dict]) -> str:
         seconds = _mean_std([r.get("train_seconds") for r in runs])[0]
         memory = _mean_std([r.get("peak_memory_mb") for r in runs])[0]
         score = _fmt([r["metrics"][main] for r in runs])
-        lines.append(f"| {task} | {method} | {len(runs)} | {main} {score} | {metrics} | {params} | "
+        late = [r.get("rank_changes_after_10pct") for r in runs]
+        late = "–" if None in late else f"{_mean_std(late)[0]:.1f}"
+        lines.append(f"| {task} | {method} | {len(runs)} | {main} {score} | {metrics} | {params} | {late} | "
                      f"{seconds:.0f} | {memory:.0f} |")
     return "\n".join(lines)
 

@@ -42,6 +42,13 @@ class TuckerAdapterConfig(PeftConfig):
         "help": "Truncation tolerance in [0, 1): drop the smallest singular values whose norm is at most "
                 "tau * ||core||_F (relative), or at most tau when absolute_tau. 0 keeps the exact rank."})
     absolute_tau: bool = field(default=False, metadata={"help": "Use tau as an absolute threshold."})
+    truncation_interval: int = field(default=1, metadata={
+        "help": "Apply the tau rule every this many optimizer steps (and at the last step); the steps in between "
+                "keep every augmented direction up to r_max, so a new direction gets first-order updates before "
+                "it is judged. 1: every step. Ranks then keep adapting late in training (benchmarks/glue/RANKS.md)."})
+    rank_freeze_fraction: float | None = field(default=None, metadata={
+        "help": "Freeze every rank after this fraction in (0, 1] of the optimizer steps (TDLRTCallback; bases and "
+                "core still train). None: ranks adapt until the end."})
     scale: float = field(default=1.0, metadata={
         "help": "Constant output scale s of s * ΔW (never rank dependent, so a rank change never makes the "
                 "output jump)."})
@@ -102,6 +109,10 @@ class TuckerAdapterConfig(PeftConfig):
                 raise bad("tau", "an absolute tolerance must be >= 0")
         elif not 0 <= self.tau < 1:
             raise bad("tau", "a relative tolerance must satisfy 0 <= tau < 1")
+        if not isinstance(self.truncation_interval, int) or self.truncation_interval < 1:
+            raise bad("truncation_interval", "it must be an integer >= 1")
+        if self.rank_freeze_fraction is not None and not 0 < self.rank_freeze_fraction <= 1:
+            raise bad("rank_freeze_fraction", "it must be None or satisfy 0 < fraction <= 1")
         if not self.scale > 0:
             raise bad("scale", "it must be > 0")
         if not 0 <= self.dropout < 1:
