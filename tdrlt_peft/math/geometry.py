@@ -113,11 +113,14 @@ def truncates(step: int, interval: int, total_steps: int | None = None) -> bool:
     return step % interval == 0 or (total_steps is not None and step >= total_steps - 1)
 
 
-def frozen(step: int, freeze_step: int | None) -> bool:
-    """Whether ranks are frozen at optimizer step ``step`` (0-based): from ``freeze_step`` on (None: never). Frozen
-    ranks keep their value; the bases and the core still rotate within it (the truncation keeps the leading
-    ``r`` singular directions of the augmented core)."""
-    return freeze_step is not None and step >= freeze_step
+def frozen(step: int, freeze_step: int | None, interval: int = 1) -> bool:
+    """Whether ranks are frozen at optimizer step ``step`` (0-based; None: never): after the first truncation step
+    at or after ``freeze_step`` (its tau decision is the last one, so ranks never freeze at the untruncated ranks
+    of a step in between). Frozen ranks keep their value; the bases and the core still rotate within them (the
+    truncation keeps the leading ``r`` singular directions of the augmented core)."""
+    if freeze_step is None:
+        return False
+    return step > -(-freeze_step // interval) * interval
 
 
 def freeze_step(fraction: float | None, total_steps: int) -> int | None:

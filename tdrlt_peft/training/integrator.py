@@ -54,7 +54,8 @@ class TDLRTIntegrator:
 
     Rank schedule (host counters, set by ``TDLRTCallback`` from the Trainer's state; a plain loop may set them):
     ``step_index`` (0-based optimizer step, advanced by :meth:`step`), ``total_steps`` (None: unknown, no forced
-    last truncation) and ``freeze_step`` (ranks stay as they are from this step on; None: never).
+    last truncation) and ``freeze_step`` (ranks stay as decided by the first truncation step at or after it,
+    ``geometry.frozen``; None: never).
     """
 
     def __init__(self, model: nn.Module, core_optimizer: Literal["adam", "sgd"] = "adam",
@@ -172,7 +173,7 @@ class TDLRTIntegrator:
     def plain_step(self) -> bool:
         """Whether this step truncates by tau with free ranks (the only kind a CUDA graph captures)."""
         return truncates(self.step_index, self.truncation_interval, self.total_steps) and \
-            not frozen(self.step_index, self.freeze_step)
+            not frozen(self.step_index, self.freeze_step, self.truncation_interval)
 
     def step_bounds(self, bounds: engine.Bounds) -> engine.Bounds:
         """This step's rank rules: the tolerance rule on a truncation step, else every augmented direction up to
@@ -183,7 +184,8 @@ class TDLRTIntegrator:
 
     def rank_decision(self, proposed: list[Tensor], before: list[Tensor]) -> list[Tensor]:
         """The agreed ranks: ``before`` (the ranks of the step's start) when frozen, else the proposals agreed on."""
-        return list(before) if frozen(self.step_index, self.freeze_step) else agree(proposed)
+        return list(before) if frozen(self.step_index, self.freeze_step, self.truncation_interval) \
+            else agree(proposed)
 
     def parallel_step(self, storages: list[LowRankStorage], lr: float | Tensor, also_check: list[Tensor] | None
                       ) -> Tensor:
