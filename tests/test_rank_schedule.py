@@ -32,7 +32,7 @@ def test_schedule_functions():
     assert truncates(4, 3, total_steps=5)          # the last step always truncates
     assert freeze_step(0.25, 10) == 3 and freeze_step(None, 10) is None
     assert not frozen(3, 3) and frozen(4, 3) and not frozen(100, None)
-    assert not frozen(4, 3, interval=2) and frozen(5, 3, interval=2)     # step 4 is the last tau decision
+    assert not frozen(2, 3, interval=2) and frozen(3, 3, interval=2)     # step 2 is the last tau decision
     with pytest.raises(ValueError, match="truncation_interval"):
         truncates(0, 0)
 
@@ -133,7 +133,7 @@ def test_callback_freezes_ranks_after_the_fraction(tmp_path):
     record = Record()
     Trainer(model=model, args=args, train_dataset=data, callbacks=[TDLRTCallback(), record]).train()
     # freeze_step ceil(0.5 x 12) = 6 is a truncation step (interval 2): its decision is the last one, and the
-    # Trainer counts it as global step 7
+    # Trainer counts it as global step 7 (an odd freeze step would take the decision of the step before)
     last_decision = math.ceil(0.5 * max_steps) + 1
     before = [r for step, r in record.seen if step <= last_decision]
     after = [r for step, r in record.seen if step >= last_decision]

@@ -114,13 +114,14 @@ def truncates(step: int, interval: int, total_steps: int | None = None) -> bool:
 
 
 def frozen(step: int, freeze_step: int | None, interval: int = 1) -> bool:
-    """Whether ranks are frozen at optimizer step ``step`` (0-based; None: never): after the first truncation step
-    at or after ``freeze_step`` (its tau decision is the last one, so ranks never freeze at the untruncated ranks
-    of a step in between). Frozen ranks keep their value; the bases and the core still rotate within them (the
-    truncation keeps the leading ``r`` singular directions of the augmented core)."""
+    """Whether ranks are frozen at optimizer step ``step`` (0-based; None: never): after the last truncation step
+    at or before ``freeze_step`` (its tau decision is the last one, so ranks never freeze at the untruncated ranks
+    of a step in between, and no rank moves after ``freeze_step``). Frozen ranks keep their value; the bases and
+    the core still rotate within them (the truncation keeps the leading ``r`` singular directions of the
+    augmented core)."""
     if freeze_step is None:
         return False
-    return step > -(-freeze_step // interval) * interval
+    return step > freeze_step // interval * interval
 
 
 def freeze_step(fraction: float | None, total_steps: int) -> int | None:

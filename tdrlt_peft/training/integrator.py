@@ -54,7 +54,7 @@ class TDLRTIntegrator:
 
     Rank schedule (host counters, set by ``TDLRTCallback`` from the Trainer's state; a plain loop may set them):
     ``step_index`` (0-based optimizer step, advanced by :meth:`step`), ``total_steps`` (None: unknown, no forced
-    last truncation) and ``freeze_step`` (ranks stay as decided by the first truncation step at or after it,
+    last truncation) and ``freeze_step`` (ranks stay as decided by the last truncation step at or before it,
     ``geometry.frozen``; None: never).
     """
 
