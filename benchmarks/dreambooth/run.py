@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ..rank_history import RankRecorder
 from . import methods
 from .base import BaseRecipe, offline_base
 from .data import image_files, load_images, offline_subject, save_images
@@ -122,8 +123,10 @@ def one_run(prep: Prepared, method: str, size: float, seed: int, args, progress:
     g = torch.Generator().manual_seed(seed)
     batch = args.train_batch_size
     model.train()
+    recorder = RankRecorder(adapted.ranks(), adapted.count(), every=max(1, args.max_train_steps // 50)) \
+        if method == "tdlrt" else None
     start = time.perf_counter()
-    for _ in tqdm(range(args.max_train_steps), desc=name, disable=not progress, leave=False):
+    for step in tqdm(range(1, args.max_train_steps + 1), desc=name, disable=not progress, leave=False):
         x = prep.instance[torch.randint(0, len(prep.instance), (batch,), generator=g)]        # (B, C, h, w)
         context = prep.instance_context.expand(batch, -1, -1)
         if prep.classes is not None:   # instance and class examples in one batch
@@ -142,6 +145,8 @@ def one_run(prep: Prepared, method: str, size: float, seed: int, args, progress:
         optimizer.step()
         lr_schedule.step()
         optimizer.zero_grad()
+        if recorder is not None:
+            recorder.observe(step, adapted.ranks(), adapted.count(), record=step == args.max_train_steps)
     seconds = time.perf_counter() - start
     model.eval()
     record = {"method": method, "seed": seed, methods.SIZE_NAME[method]: size,
@@ -151,7 +156,8 @@ def one_run(prep: Prepared, method: str, size: float, seed: int, args, progress:
               "prior_loss_before": prep.before["prior_loss"],
               "prior_loss_after": loss_on(prep, model, prep.prior_eval, prep.class_context, args),
               "train_seconds": round(seconds, 2), "ranks": adapted.ranks(), "final_train_loss": float(loss.detach()),
-              "settings": _settings(args, prep)}
+              "settings": _settings(args, prep),
+              **(recorder.summary(args.max_train_steps) if recorder is not None else {})}
     if args.save_adapters:
         model.save_pretrained(out / "adapters" / name)
     if seed == args.seeds[0]:

@@ -15,6 +15,7 @@ import torch
 import transformers
 from transformers import DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments, set_seed
 
+from ..rank_history import late_change_counts
 from .args import Args
 from .data import eval_splits, load_raw, subset, task_to_keys, tokenize
 from .methods import build_model, load_backbone, load_tokenizer, trainable_parameters
@@ -199,9 +200,8 @@ class RankHistory(TrainerCallback):
         self._last = ranks
 
     def change_counts(self, total_steps: int) -> dict:
-        """Rank changes (one per module and step whose rank moved) after the first 10 % / 25 % of the steps."""
-        return {f"rank_changes_after_{p}pct": sum(c[0] > p / 100 * total_steps for c in self.changes)
-                for p in (10, 25)} | {"rank_changes": self.changes}
+        """``rank_changes_after_{10,25}pct`` and the changes themselves."""
+        return {**late_change_counts(self.changes, total_steps), "rank_changes": self.changes}
 
     def on_log(self, args, state, control, **kwargs):
         self._record(state.global_step)
