@@ -59,6 +59,11 @@ def steps_of(records: list[dict]) -> list[list[dict]]:
     return [records[i:i + n] for i in range(0, len(records), n)]
 
 
+def candidate(r: dict) -> float:
+    """σ_{r+1} of Ĉ: the largest singular value past the rank before the step (0 if none)."""
+    return r["sigma"][r["rank_old"]] if len(r["sigma"]) > r["rank_old"] else 0.0
+
+
 def plot(records: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -77,6 +82,10 @@ def plot(records: list[dict], path: Path) -> None:
     a.semilogy(t, med(None, lambda r: r["tau"] * r["core_hat_norm"]), label="threshold τ||Ĉ||")
     a.semilogy(t, med("new_block_norm"), label="||new directions' blocks of Ĉ||")
     a.semilogy(t, med(None, lambda r: r["sigma"][r["rank_new"] - 1] if r["sigma"] else 0), label="σ_k kept (last)")
+    a.semilogy(t, med(None, candidate), label="σ_{r+1}: largest direction past the old rank r")
+    a.semilogy(t, med(None, lambda r: r["new_block_norm"] ** 2 / r["sigma"][r["rank_old"] - 1]
+                      if r["sigma"] and r["sigma"][r["rank_old"] - 1] > 0 else 0), ":",
+               label="||new blocks||² / σ_r (second-order scale)")
     a.semilogy(t, med("lr"), "--", label="learning rate")
     a.set_ylabel("median over adapters")
     a.legend(fontsize=7)
@@ -103,4 +112,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--replot":          # --replot OUTPUT_DIR: probe.png from probe.json
+        plot(json.loads(Path(sys.argv[2], "probe.json").read_text()), Path(sys.argv[2], "probe.png"))
+        sys.exit(0)
     sys.exit(main())
