@@ -197,6 +197,8 @@ class RankHistory(TrainerCallback):
         ranks = _ranks(self.built)
         self.changes += [[state.global_step, m, self._last.get(m), r] for m, r in ranks.items()
                          if self._last.get(m) != r]
+        if ranks != self._last:                        # the plot shows every change (logging steps may miss them)
+            self._record(state.global_step)
         self._last = ranks
 
     def change_counts(self, total_steps: int) -> dict:
