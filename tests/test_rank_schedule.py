@@ -146,3 +146,16 @@ def test_callback_freezes_ranks_after_the_fraction(tmp_path):
 def test_config_refuses_bad_schedule(field, value):
     with pytest.raises(ValueError, match=field):
         TuckerAdapterConfig(**{field: value})
+
+
+def test_rank_recorder_counts_late_changes(tmp_path):
+    from benchmarks.rank_history import RankRecorder, plot_rank_history
+
+    recorder = RankRecorder({"a": [2, 2], "b": [3, 3]}, 10, every=5)
+    for step, ranks in enumerate([{"a": [3, 3], "b": [3, 3]}] * 2 + [{"a": [3, 3], "b": [4, 4]}] * 18, start=1):
+        recorder.observe(step, ranks, 10, record=step == 20)
+    summary = recorder.summary(total_steps=20)
+    assert summary["rank_changes"] == [[1, "a", [2, 2], [3, 3]], [3, "b", [3, 3], [4, 4]]]
+    assert summary["rank_changes_after_10pct"] == 1 and summary["rank_changes_after_25pct"] == 0
+    assert [h["step"] for h in summary["rank_history"]] == [0, 5, 10, 15, 20]
+    assert plot_rank_history(summary["rank_history"], "t", tmp_path / "r.png").stat().st_size > 0
