@@ -65,9 +65,13 @@ def plot_rank_history(history: list[dict], title: str, path) -> Path:
     top.invert_yaxis()
     top.set_title(title)
     fig.colorbar(mesh, ax=top, label="rank")
-    bottom.plot(steps, [h["active_params"] for h in history])
+    if all(h.get("active_params") is not None for h in history):
+        bottom.plot(steps, [h["active_params"] for h in history])
+        bottom.set_ylabel("active params")
+    else:                                              # a history rebuilt from rank changes: no sizes
+        bottom.plot(steps, grid.mean(0))
+        bottom.set_ylabel("mean rank")
     bottom.set_xlabel("optimizer step")
-    bottom.set_ylabel("active params")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -22,6 +22,19 @@ def load(folder: str) -> list[dict]:
     return sorted((r for r in runs if isinstance(r, dict) and "metrics" in r), key=lambda r: r["seed"])
 
 
+def rebuilt_history(run: dict) -> list[dict]:
+    """The ranks after every optimizer step, from the start ranks and the changes (``active_params`` None)."""
+    ranks = dict(run["rank_history"][0]["ranks"])
+    by_step: dict[int, list] = {}
+    for step, module, _, new in run.get("rank_changes", []):
+        by_step.setdefault(step, []).append((module, new))
+    history = [{"step": 0, "active_params": None, "ranks": dict(ranks)}]
+    for step in range(1, run["optimizer_steps"] + 1):
+        ranks.update(by_step.get(step, []))
+        history.append({"step": step, "active_params": None, "ranks": dict(ranks)})
+    return history
+
+
 def mean_rank_curve(run: dict) -> tuple[list[int], list[float]]:
     """(steps, mean over modules of the largest mode rank) after every step, from the start ranks and changes."""
     ranks = {m: max(r) for m, r in run["rank_history"][0]["ranks"].items()}
@@ -92,6 +105,12 @@ def main(argv: list[str]) -> int:
     text = table(variants, test)
     out_md.write_text(text + "\n")
     plot(variants, out_png)
+    from ..rank_history import plot_rank_history
+
+    for name, runs in variants.items():                # per-module heat map of each variant's first seed
+        slug = "".join(c if c.isalnum() else "_" for c in name).strip("_")
+        plot_rank_history(rebuilt_history(runs[0]), f"{name} · seed {runs[0]['seed']}: rank per module after every "
+                          "optimizer step", out_png.with_name(f"{out_png.stem}_{slug}.png"))
     print(text)
     return 0
 
