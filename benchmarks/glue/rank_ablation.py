@@ -1,6 +1,7 @@
 """Table and plot of a rank-schedule ablation: one runner output folder per variant (seeds inside).
 
     PYTHONPATH=. python -m benchmarks.glue.rank_ablation OUT.md OUT.png NAME=FOLDER [NAME=FOLDER ...] [--test]
+        [--after STEP]     # also count the rank changes after optimizer step STEP (a frozen variant's last decision)
 
 Per variant: validation accuracy (``validation_accuracy`` where the dataset has a test split, else ``accuracy``),
 with ``--test`` also the test accuracy, active parameters at the end, rank changes after 10 % / 25 % of the
@@ -56,9 +57,10 @@ def fmt(values, scale=100.0, digits=2) -> str:
     return f"{v.mean():.{digits}f} ± {std:.{digits}f}"
 
 
-def table(variants: dict[str, list[dict]], test: bool) -> str:
+def table(variants: dict[str, list[dict]], test: bool, after: int | None = None) -> str:
     head = "| Variant | Seeds | Validation acc. (×100) |" + (" Test acc. (×100) |" if test else "") + \
-        " Active params | Rank changes after 10 % | after 25 % | Per seed (validation) |"
+        " Active params | Rank changes after 10 % | after 25 % |" + (f" after step {after} |" if after else "") + \
+        " Per seed (validation) |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for name, runs in variants.items():
         val = [r["metrics"].get("validation_accuracy", r["metrics"]["accuracy"]) for r in runs]
@@ -68,6 +70,7 @@ def table(variants: dict[str, list[dict]], test: bool) -> str:
         cells += [f"{np.mean([r['trainable_params'] for r in runs]) / 1e3:.0f}K",
                   fmt([r.get("rank_changes_after_10pct", 0) for r in runs], 1, 1),
                   fmt([r.get("rank_changes_after_25pct", 0) for r in runs], 1, 1),
+                  *([fmt([sum(c[0] > after for c in r.get("rank_changes", [])) for r in runs], 1, 1)] if after else []),
                   " / ".join(f"{100 * v:.1f}" for v in val)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -99,10 +102,15 @@ def plot(variants: dict[str, list[dict]], path: Path) -> None:
 def main(argv: list[str]) -> int:
     test = "--test" in argv
     argv = [a for a in argv if a != "--test"]
+    after = None
+    if "--after" in argv:
+        i = argv.index("--after")
+        after = int(argv[i + 1])
+        argv = argv[:i] + argv[i + 2:]
     out_md, out_png, specs = Path(argv[0]), Path(argv[1]), argv[2:]
     variants = {name: load(folder) for name, folder in (s.split("=", 1) for s in specs)}
     variants = {k: v for k, v in variants.items() if v}
-    text = table(variants, test)
+    text = table(variants, test, after)
     out_md.write_text(text + "\n")
     plot(variants, out_png)
     from ..rank_history import plot_rank_history
