@@ -52,14 +52,14 @@ class TDLRTCallback(TrainerCallback):
             weight_decay=getattr(config, "core_weight_decay", 0.0),
             lr_factor=getattr(config, "core_lr_factor", 1.0) * self.lr_factor, cuda_graph=self.cuda_graph,
             truncation_interval=getattr(config, "truncation_interval", 1))
-        self.integrator.total_steps = state.max_steps if state.max_steps and state.max_steps > 0 else None
-        self.integrator.freeze_step = freeze_step(getattr(config, "rank_freeze_fraction", None),
-                                                  self.integrator.total_steps or 0) \
-            if self.integrator.total_steps else None
+        max_steps = getattr(state, "max_steps", 0) or 0
+        self.integrator.total_steps = max_steps if max_steps > 0 else None
+        if max_steps > 0:
+            self.integrator.freeze_step = freeze_step(getattr(config, "rank_freeze_fraction", None), max_steps)
         _move_to_front(self)
 
     def on_step_begin(self, args, state, control, **kwargs):
-        if self.integrator is not None:
+        if self.integrator is not None and state is not None:
             self.integrator.step_index = state.global_step      # the rank schedule follows the Trainer (and resumes)
 
     def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
