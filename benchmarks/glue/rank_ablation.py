@@ -116,7 +116,7 @@ def main(argv: list[str]) -> int:
     from ..rank_history import plot_rank_history
 
     for name, runs in variants.items():                # per-module heat map of each variant's first seed
-        slug = "".join(c if c.isalnum() else "_" for c in name).strip("_")
+        slug = "".join(c if c.isascii() and c.isalnum() else "_" for c in name.replace("τ", "tau")).strip("_")
         plot_rank_history(rebuilt_history(runs[0]), f"{name} · seed {runs[0]['seed']}: rank per module after every "
                           "optimizer step", out_png.with_name(f"{out_png.stem}_{slug}.png"))
     print(text)
