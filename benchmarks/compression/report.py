@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 
+from ..rank_history import plot_rank_history
 from .methods import LABELS
 
 ORDER = {"dense": 0, "tdlrt": 1, "tucker-gd": 2, "matrix": 3}
@@ -103,4 +105,10 @@ def write_report(results: list[dict], output_dir: Path, header: str) -> str:
     text = "\n\n".join(part for part in [header, markdown_table(rows), paired_table(results)] if part)
     (output_dir / "results.md").write_text(text + "\n")
     plot(rows, output_dir / "accuracy_vs_compression.png")
+    for r in results:                                  # the rank-per-layer plot of each rank-adaptive run
+        if r.get("rank_history") and r["seed"] == min(x["seed"] for x in results if x["label"] == r["label"]):
+            slug = re.sub(r"[^A-Za-z0-9]+", "_", f"{r['network']}_{r['label']}").strip("_")
+            plot_rank_history(r["rank_history"], f"{r['network']} · {r['label']} · seed {r['seed']}: rank per "
+                              f"layer ({r['rank_changes_after_10pct']} changes after 10 % of the steps)",
+                              output_dir / f"ranks_{slug}.png")
     return text

@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from tdrlt_peft import count_active_parameters
 
+from ..rank_history import RankRecorder
 from .methods import LowRankSettings, Method, build, conv_parameter_count, conv_ranks
 from .models import NETWORKS, conv_parameters
 
@@ -40,6 +41,8 @@ def train_run(spec: RunSpec, train: tuple[torch.Tensor, torch.Tensor], test: tup
                disable=not progress, dynamic_ncols=True)
     start, cpu_start = time.perf_counter(), time.process_time()
     step, loss = 0, float("nan")
+    recorder = RankRecorder(conv_ranks(model), count_active_parameters(model), every=max(1, total // 50)) \
+        if integrator is not None else None
     model.train()
     for _ in range(spec.epochs):
         for batch in torch.randperm(len(y), generator=generator).split(spec.batch_size):
@@ -53,6 +56,8 @@ def train_run(spec: RunSpec, train: tuple[torch.Tensor, torch.Tensor], test: tup
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
+            if recorder is not None:
+                recorder.observe(step, conv_ranks(model), count_active_parameters(model), record=step == total)
             bar.update()
             if step % 20 == 0:
                 bar.set_postfix(loss=f"{loss.item():.3f}")
@@ -66,7 +71,8 @@ def train_run(spec: RunSpec, train: tuple[torch.Tensor, torch.Tensor], test: tup
             "conv_params": stored, "conv_params_full": full, "compression": 1 - stored / full,
             "trainable_params": count_active_parameters(model), "ranks": conv_ranks(model),
             "wall_time_s": train_time, "cpu_time_s": cpu_time, "settings": asdict(spec.settings), "epochs": spec.epochs,
-            "train_size": len(y), "test_size": len(test[1]), "batch_size": spec.batch_size}
+            "train_size": len(y), "test_size": len(test[1]), "batch_size": spec.batch_size,
+            **(recorder.summary(total) if recorder is not None else {})}
 
 
 @torch.no_grad()

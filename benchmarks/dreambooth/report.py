@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..rank_history import plot_rank_history
 from .methods import METHODS, SIZE_NAME
 
 RUN_KEYS = {"method", "seed", "trainable_params", "subject_loss", "prior_loss_before", "prior_loss_after",
@@ -96,6 +97,11 @@ def write_report(output_dir: Path) -> str:
         head, *body, "", target_verdict(rows), ""])
     (output_dir / "results.md").write_text(text)
     plot_losses(rows, output_dir / "subject_loss_vs_params.png")
+    for run in load_runs(output_dir):                  # the rank-per-layer plot of each TDLRT run
+        if run.get("rank_history"):
+            plot_rank_history(run["rank_history"], f"dreambooth · tdlrt tau={run.get('tau')} · seed {run['seed']}: "
+                              f"rank per layer ({run['rank_changes_after_10pct']} changes after 10 %)",
+                              output_dir / f"ranks_tdlrt_tau{run.get('tau')}_seed{run['seed']}.png")
     sample_grid(output_dir / "samples", [f"{r['method']}_{SIZE_NAME[r['method']]}{r['size']:g}" for r in rows],
                 output_dir / "samples.png")
     return text

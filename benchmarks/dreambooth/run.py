@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ..rank_history import RankRecorder
 from . import methods
 from .base import BaseRecipe, offline_base
 from .data import image_files, load_images, offline_subject, save_images
@@ -149,9 +150,10 @@ def training_loss(prep: Prepared, model, b: TrainingBatch, batch: int, prior_los
     return loss
 
 
-def train(prep: Prepared, adapted: methods.Adapted, seed: int, args, desc: str, progress: bool) -> Tensor:
+def train(prep: Prepared, adapted: methods.Adapted, seed: int, args, desc: str, progress: bool,
+          recorder: RankRecorder | None = None) -> Tensor:
     """``--max_train_steps`` optimizer steps (constant learning rate, clipping, fp16 loss scaling); returns the
-    last loss."""
+    last loss. ``recorder``: follows the ranks step by step (TDLRT)."""
     from diffusers.optimization import get_scheduler
     from tqdm.auto import tqdm
 
@@ -161,7 +163,7 @@ def train(prep: Prepared, adapted: methods.Adapted, seed: int, args, desc: str, 
     params = [p for group in optimizer.param_groups for p in group["params"]]
     g = torch.Generator().manual_seed(seed)
     model.train()
-    for _ in tqdm(range(args.max_train_steps), desc=desc, disable=not progress, leave=False):
+    for step in tqdm(range(1, args.max_train_steps + 1), desc=desc, disable=not progress, leave=False):
         b = training_batch(prep, args.train_batch_size, g)
         loss = training_loss(prep, model, b, args.train_batch_size, args.prior_loss_weight)
         scaler.scale(loss).backward()
@@ -172,6 +174,8 @@ def train(prep: Prepared, adapted: methods.Adapted, seed: int, args, desc: str, 
         scaler.update()
         lr_schedule.step()
         optimizer.zero_grad()
+        if recorder is not None:
+            recorder.observe(step, adapted.ranks(), adapted.count(), record=step == args.max_train_steps)
     model.eval()
     return loss
 
@@ -183,9 +187,11 @@ def one_run(prep: Prepared, method: str, size: float, seed: int, args, progress:
     torch.manual_seed(seed)                                      # the adapter's initialisation
     adapted = methods.build(method, size, base_unet_copy(prep, args), prep.targets, args)
     model = adapted.model
+    recorder = RankRecorder(adapted.ranks(), adapted.count(), every=max(1, args.max_train_steps // 50)) \
+        if method == "tdlrt" else None
     prep.parts.compute.synchronize()                             # the copy of the UNet is not training time
     start = time.perf_counter()
-    loss = train(prep, adapted, seed, args, name, progress)
+    loss = train(prep, adapted, seed, args, name, progress, recorder)
     prep.parts.compute.synchronize()
     seconds = time.perf_counter() - start
     record = {"method": method, "seed": seed, methods.SIZE_NAME[method]: size,
@@ -195,7 +201,8 @@ def one_run(prep: Prepared, method: str, size: float, seed: int, args, progress:
               "prior_loss_before": prep.before["prior_loss"],
               "prior_loss_after": loss_on(prep, model, prep.prior_eval, prep.class_context, args),
               "train_seconds": round(seconds, 2), "ranks": adapted.ranks(), "final_train_loss": float(loss.detach()),
-              "settings": _settings(args, prep)}
+              "settings": _settings(args, prep),
+              **(recorder.summary(args.max_train_steps) if recorder is not None else {})}
     if args.save_adapters:
         model.save_pretrained(out / "adapters" / name)
     if seed == args.seeds[0]:

@@ -109,7 +109,8 @@ def _tdlrt(model, task, recipe, total_steps, targets, heads) -> BuiltModel:
     config = TuckerAdapterConfig(
         task_type="SEQ_CLS", target_modules=targets, modules_to_save=heads, r=recipe.r, r_min=recipe.r_min,
         r_max=recipe.r_max, tau=recipe.tau, scale=recipe.tdlrt_scale, dropout=recipe.tdlrt_dropout,
-        core_optimizer=recipe.core_optimizer, target_params=recipe.target_params)
+        core_optimizer=recipe.core_optimizer, target_params=recipe.target_params,
+        truncation_interval=recipe.truncation_interval, rank_freeze_fraction=recipe.rank_freeze_fraction)
     peft_model = get_peft_model(model, config)
     return BuiltModel(peft_model, recipe.learning_rate, lambda: count_active_parameters(peft_model),
                       lambda: adapter_ranks(peft_model), [TDLRTCallback()])

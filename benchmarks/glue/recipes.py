@@ -63,6 +63,10 @@ class Recipe:
     target_params: int | None = _f(None, "TDLRT parameter budget: at most this many active adapter parameters "
                                          "(head not counted), ranks decided over the whole model at every step "
                                          "instead of by tau (TuckerAdapterConfig.target_params).")
+    truncation_interval: int = _f(1, "TDLRT: apply the tau rule every N optimizer steps (and at the last); the "
+                                     "steps in between keep every augmented direction up to r_max.")
+    rank_freeze_fraction: float | None = _f(None, "TDLRT: freeze every rank after this fraction of the optimizer "
+                                                  "steps (ablation); None: ranks adapt until the end.")
 
 
 _BASE = Recipe()

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..rank_history import plot_rank_history
 from .args import METHODS
 from .data import task_to_keys
 
@@ -61,8 +62,8 @@ def _count(n: float) -> str:
 
 def markdown_table(results: list[dict]) -> str:
     """One row per task and method; scores ×100 as in the papers' tables."""
-    lines = ["| Task | Method | Seeds | Score (×100) | All metrics (×100) | Trainable params | Train s "
-             "| Peak MiB |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| Task | Method | Seeds | Score (×100) | All metrics (×100) | Trainable params | Rank changes "
+             "after 10 % | Train s | Peak MiB |", "|---|---|---|---|---|---|---|---|---|"]
     for (task, method), runs in _groups(results).items():
         names = list(runs[0]["metrics"])
         main = runs[0].get("main_metric", names[0])
@@ -71,48 +72,23 @@ def markdown_table(results: list[dict]) -> str:
         seconds = _mean_std([r.get("train_seconds") for r in runs])[0]
         memory = _mean_std([r.get("peak_memory_mb") for r in runs])[0]
         score = _fmt([r["metrics"][main] for r in runs])
-        lines.append(f"| {task} | {method} | {len(runs)} | {main} {score} | {metrics} | {params} | "
+        late = [r.get("rank_changes_after_10pct") for r in runs]
+        late = "–" if None in late else f"{_mean_std(late)[0]:.1f}"
+        lines.append(f"| {task} | {method} | {len(runs)} | {main} {score} | {metrics} | {params} | {late} | "
                      f"{seconds:.0f} | {memory:.0f} |")
     return "\n".join(lines)
 
 
-def _short(module: str) -> str:
-    """``...deberta.encoder.layer.3.attention.self.query_proj`` -> ``3.attention.self.query_proj``."""
-    return re.sub(r"^.*?\.layers?\.", "", module)
-
-
 def plot_rank_evolution(results: list[dict], output_dir) -> list[Path]:
     """Per task and rank-adaptive method (first seed): each module's rank over training, active params."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     paths = []
     for (task, method), runs in _groups(results).items():
         history = runs[0].get("rank_history")
         if not history:
             continue
-        modules = list(history[-1]["ranks"])
-        steps = [h["step"] for h in history]
-        # (modules, records): the largest mode rank of each module (modes agree for matrix adapters)
-        grid = np.array([[max(h["ranks"].get(m, [0])) for h in history] for m in modules], dtype=float)
-        fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 3 + 0.12 * len(modules)), sharex=True,
-                                          gridspec_kw={"height_ratios": [4, 1]})
-        edges = np.array(steps + [steps[-1] + max(1, steps[-1] - steps[-2]) if len(steps) > 1 else 1], float)
-        mesh = top.pcolormesh(edges, np.arange(len(modules) + 1), grid, cmap="viridis", shading="flat")
-        top.set_yticks(np.arange(len(modules)) + 0.5, [_short(m) for m in modules], fontsize=5)
-        top.invert_yaxis()
-        top.set_title(f"{task} · {method} · seed {runs[0]['seed']}: rank per module over training")
-        fig.colorbar(mesh, ax=top, label="rank")
-        bottom.plot(steps, [h["active_params"] for h in history])
-        bottom.set_xlabel("optimizer step")
-        bottom.set_ylabel("active params")
-        fig.tight_layout()
         path = Path(output_dir) / f"ranks_{re.sub(r'[^A-Za-z0-9]+', '_', task).strip('_')}_{method}.png"
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(plot_rank_history(history, f"{task} · {method} · seed {runs[0]['seed']}: rank per module "
+                                       "over training", path))
     return paths
 
 

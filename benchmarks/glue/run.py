@@ -15,6 +15,7 @@ import torch
 import transformers
 from transformers import DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments, set_seed
 
+from ..rank_history import late_change_counts
 from .args import Args
 from .data import eval_splits, load_raw, subset, task_to_keys, tokenize
 from .methods import build_model, load_backbone, load_tokenizer, trainable_parameters
@@ -88,6 +89,7 @@ def run_one(task: str, method: str, seed: int, args: Args, recipe: Recipe, token
         "total_params": sum(p.numel() for p in built.model.parameters()),
         "ranks": _ranks(built) if built.ranks else None,
         "rank_history": history.records if history else None,
+        **(history.change_counts(trainer.state.global_step) if history else {}),
         "train_seconds": train_seconds, "eval_seconds": eval_seconds,
         "peak_memory_mb": peak.mb, "peak_memory_kind": peak.kind,
         "device": torch.cuda.get_device_name() if on_gpu else "cpu",
@@ -160,12 +162,26 @@ class ScheduleCheck(TrainerCallback):
 
 
 class RankHistory(TrainerCallback):
-    """Per-module ranks and active parameters at the start, at every logging step and at the end."""
+    """Per-module ranks and active parameters at the start, at every logging step and at the end; and every rank
+    change, step by step (``changes``: ``[step, module, old, new]``, compared after each optimizer step)."""
 
     def __init__(self, built):
-        self.built, self.records = built, []
+        self.built, self.records, self.changes = built, [], []
+        self._last: dict | None = None
+
+    def _truncated(self, step: int) -> bool:
+        """Whether optimizer step ``step`` (1-based, as the Trainer counts) ended with the tau rule: with a
+        ``truncation_interval`` the steps in between hold every augmented direction and are not recorded."""
+        integrator = next((c.integrator for c in self.built.callbacks if getattr(c, "integrator", None)), None)
+        if integrator is None or step == 0:
+            return True
+        from tdrlt_peft.math.geometry import truncates
+
+        return truncates(step - 1, integrator.truncation_interval, integrator.total_steps)
 
     def _record(self, step: int):
+        if not self._truncated(step):
+            return
         if not self.records or self.records[-1]["step"] != step:
             ranks = _ranks(self.built)
             active = int(self.built.active_params())
@@ -173,6 +189,21 @@ class RankHistory(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         self._record(0)
+        self._last = _ranks(self.built)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if not self._truncated(state.global_step):
+            return
+        ranks = _ranks(self.built)
+        self.changes += [[state.global_step, m, self._last.get(m), r] for m, r in ranks.items()
+                         if self._last.get(m) != r]
+        if ranks != self._last:                        # the plot shows every change (logging steps may miss them)
+            self._record(state.global_step)
+        self._last = ranks
+
+    def change_counts(self, total_steps: int) -> dict:
+        """``rank_changes_after_{10,25}pct`` and the changes themselves."""
+        return {**late_change_counts(self.changes, total_steps), "rank_changes": self.changes}
 
     def on_log(self, args, state, control, **kwargs):
         self._record(state.global_step)

@@ -97,6 +97,38 @@ def truncation_rank(sigma: Tensor, tau: float, r_min: int, r_max: int, absolute:
     return int(k[0])
 
 
+def truncates(step: int, interval: int, total_steps: int | None = None) -> bool:
+    """Whether optimizer step ``step`` (0-based) applies the tolerance rule, with ``truncation_interval`` P: steps
+    0, P, 2P, ... and the last step (``total_steps - 1``, so a run ends truncated). P = 1 truncates every step (the
+    default). The steps in between keep every augmented direction (up to ``r_max``).
+
+    Why (measured on MiniLM, ``benchmarks/glue/RANKS.md``): the parallel step's augmented core
+    ``Ŝ = [[S - λG_S, B], [A, 0]]`` has a zero new-new block, so its singular values past the current rank are the
+    Schur complement ``~ ||A S^{-1} B|| = O(λ^2 g^2 / σ_r)``: second order, and ever smaller against ``τ ||Ŝ||``
+    as the core grows. A direction kept for a step enters the basis, and the next gradient moves its new-new entries
+    at first order (``λ Ũ^T G Ṽ`` becomes part of ``G_S``), so after P - 1 kept steps a direction the gradient keeps
+    asking for has a singular value of order ``(P - 1) λ g`` when the tolerance judges it."""
+    if interval < 1:
+        raise ValueError(f"truncation_interval must be an integer >= 1, got {interval}.")
+    return step % interval == 0 or (total_steps is not None and step >= total_steps - 1)
+
+
+def frozen(step: int, freeze_step: int | None, interval: int = 1) -> bool:
+    """Whether ranks are frozen at optimizer step ``step`` (0-based; None: never): after the last truncation step
+    at or before ``freeze_step`` (its tau decision is the last one, so ranks never freeze at the untruncated ranks
+    of a step in between, and no rank moves after ``freeze_step``). Frozen ranks keep their value; the bases and
+    the core still rotate within them (the truncation keeps the leading ``r`` singular directions of the
+    augmented core)."""
+    if freeze_step is None:
+        return False
+    return step > freeze_step // interval * interval
+
+
+def freeze_step(fraction: float | None, total_steps: int) -> int | None:
+    """First frozen step of ``rank_freeze_fraction`` f for a run of ``total_steps``: ``ceil(f total_steps)``."""
+    return None if fraction is None else math.ceil(fraction * total_steps)
+
+
 def orthonormalize(U: Tensor) -> tuple[Tensor, Tensor]:
     """Reduced QR ``U = Q R`` with ``diag(R) >= 0``; callers keep ``W`` fixed by multiplying the core by ``R``.
 

@@ -34,7 +34,7 @@ from ..math.adam import adam_direction
 from ..math.group_moments import pad_core_moments, precondition
 from ..math.masks import block_mask
 from ..math.threads import single_threaded_linalg
-from .integrator import agree, all_finite
+from .integrator import all_finite
 
 if TYPE_CHECKING:
     from .integrator import TDLRTIntegrator
@@ -111,7 +111,8 @@ def bug_step(integrator: TDLRTIntegrator, lr: float | Tensor, closure: Callable[
         if not bool(all_finite([p.grad for s in storages for p in s.parameters() if p.grad is not None])):
             return integrator.skip_step()
         with torch.no_grad(), single_threaded_linalg(storages[0].core.device):
-            groups = [augment_group(part, bounds, adam) for part, bounds in integrator.groups(storages)]
+            groups = [augment_group(part, integrator.step_bounds(bounds), adam)
+                      for part, bounds in integrator.groups(storages)]
         stored = {id(p) for s in iter_storages(model) for p in s.parameters()}
         other_grads = {p: None if p.grad is None else p.grad.clone() for p in model.parameters()
                        if p.requires_grad and id(p) not in stored}
@@ -132,7 +133,8 @@ def bug_step(integrator: TDLRTIntegrator, lr: float | Tensor, closure: Callable[
             return integrator.skip_step()
         with torch.no_grad(), single_threaded_linalg(storages[0].core.device):
             proposals = [galerkin_proposal(aug, g, lr, adam) for aug, g in zip(groups, grads)]
-            ranks = agree(integrator.decide_ranks([(aug.storages, aug.bounds) for aug in groups], proposals))
+            ranks = integrator.rank_decision([(aug.storages, aug.bounds) for aug in groups], proposals,
+                                             [aug.old.ranks for aug in groups])
             for aug, proposal, agreed in zip(groups, proposals, ranks):
                 write(aug.storages, engine.apply(proposal, agreed))
         integrator._taken += 1

@@ -15,6 +15,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..layers import rank_mirror
 from ..layers.inventory import adapter_ranks, iter_storages, rank_statistics
+from ..math.geometry import freeze_step
 from .checkpoint import mark_complete
 from .integrator import TDLRTIntegrator
 
@@ -54,8 +55,16 @@ class TDLRTCallback(TrainerCallback):
             betas=tuple(getattr(config, "adam_betas", (0.9, 0.999))), eps=getattr(config, "adam_eps", 1e-8),
             weight_decay=getattr(config, "core_weight_decay", 0.0),
             lr_factor=getattr(config, "core_lr_factor", 1.0) * self.lr_factor, cuda_graph=self.cuda_graph,
-            grouping=self.grouping)
+            grouping=self.grouping, truncation_interval=getattr(config, "truncation_interval", 1))
+        max_steps = getattr(state, "max_steps", 0) or 0
+        self.integrator.total_steps = max_steps if max_steps > 0 else None
+        if max_steps > 0:
+            self.integrator.freeze_step = freeze_step(getattr(config, "rank_freeze_fraction", None), max_steps)
         _move_to_front(self)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self.integrator is not None and state is not None:
+            self.integrator.step_index = state.global_step      # the rank schedule follows the Trainer (and resumes)
 
     def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
         if self.integrator is None:

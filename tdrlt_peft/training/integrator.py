@@ -32,6 +32,7 @@ from ..layers.groups import GROUPINGS, bounds_of, gather, partition, write
 from ..layers.inventory import iter_storages
 from ..layers.storage import LowRankStorage
 from ..math import engine
+from ..math.geometry import frozen, truncates
 from ..math.threads import single_threaded_linalg
 
 CORE_OPTIMIZERS = ("adam", "sgd")
@@ -53,13 +54,21 @@ class TDLRTIntegrator:
             ``"adapter"``, or ``"auto"``: padded on a GPU, where a step costs its launches, by shape on a CPU,
             where it costs its flops. All give the same step.
         cuda_graph: capture the whole step in a CUDA graph on its first steps and replay it after (``cuda_graph.py``;
-            CUDA only, single process).
+            CUDA only, single process). Steps that do not truncate by tau or have frozen ranks run eagerly.
+        truncation_interval: the tolerance rule runs every this many steps and at the last one
+            (``geometry.truncates``); the steps in between keep every augmented direction up to ``r_max``. 1: every
+            step (the default).
+
+    Rank schedule (host counters, set by ``TDLRTCallback`` from the Trainer's state; a plain loop may set them):
+    ``step_index`` (0-based optimizer step, advanced by :meth:`step`), ``total_steps`` (None: unknown, no forced
+    last truncation) and ``freeze_step`` (ranks stay as decided by the last truncation step at or before it,
+    ``geometry.frozen``; None: never).
     """
 
     def __init__(self, model: nn.Module, core_optimizer: Literal["adam", "sgd"] = "adam",
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
                  lr_factor: float = 1.0, batched: bool = True, cuda_graph: bool = False,
-                 grouping: str = "auto"):
+                 grouping: str = "auto", truncation_interval: int = 1):
         if core_optimizer not in CORE_OPTIMIZERS:
             raise ValueError(f"core_optimizer must be one of {CORE_OPTIMIZERS}, got {core_optimizer!r}.")
         if not 0.0 <= betas[0] < 1.0 or not 0.0 <= betas[1] < 1.0:
@@ -71,6 +80,11 @@ class TDLRTIntegrator:
         if grouping not in ("auto", *GROUPINGS):
             raise ValueError(f"grouping must be 'auto' or one of {GROUPINGS}, got {grouping!r}.")
         self.grouping = grouping if batched else "adapter"
+        truncates(0, truncation_interval)                  # validates the interval
+        self.truncation_interval = truncation_interval
+        self.step_index = 0
+        self.total_steps: int | None = None
+        self.freeze_step: int | None = None
         storages = list(iter_storages(model))
         if not storages:
             raise ValueError(
@@ -146,7 +160,10 @@ class TDLRTIntegrator:
         if closure is not None:
             from .bug import bug_step
 
-            return bug_step(self, lr, closure)
+            try:
+                return bug_step(self, lr, closure)
+            finally:
+                self.step_index += 1
         every_storage = list(iter_storages(self.model))
         storages = [s for s in every_storage if s.core.grad is not None]
         if not storages:
@@ -155,7 +172,7 @@ class TDLRTIntegrator:
         if storages[0].core.device.type == "cuda":
             rank_mirror.refresh()      # an earlier copy that has landed (Event.query: never waits)
         try:
-            if self.graph is not None:
+            if self.graph is not None and self.plain_step():
                 ok = self.graph.run(storages, lr * self.lr_factor, also_check)
             else:
                 # all of the step on one thread on CPU: every tensor in it is small
@@ -164,7 +181,32 @@ class TDLRTIntegrator:
             self.publish(storages)
             return ok
         finally:
+            self.step_index += 1
             self.zero_grad(every_storage)
+
+    def plain_step(self) -> bool:
+        """Whether this step truncates by tau with free ranks (the only kind a CUDA graph captures)."""
+        return truncates(self.step_index, self.truncation_interval, self.total_steps) and \
+            not frozen(self.step_index, self.freeze_step, self.truncation_interval)
+
+    def step_bounds(self, bounds: engine.Bounds) -> engine.Bounds:
+        """This step's rank rules: the tolerance rule on a truncation step, else every augmented direction up to
+        ``r_max`` (``r_min = r_max``: the engine clamps to ``min(r_max, storage, r̂)``)."""
+        if truncates(self.step_index, self.truncation_interval, self.total_steps):
+            return bounds
+        return engine.Bounds(tau=bounds.tau, r_min=bounds.r_max, r_max=bounds.r_max, absolute=bounds.absolute,
+                             cap=bounds.cap)
+
+    def rank_decision(self, groups: list[tuple[list[LowRankStorage], engine.Bounds]],
+                      proposals: list[engine.Proposal], before: list[Tensor]) -> list[Tensor]:
+        """The agreed ranks: ``before`` (the ranks of the step's start) when frozen; else, on a truncation step,
+        the tau rule's or the budget's (:meth:`decide_ranks`), between truncations the augmented ranks; agreed on
+        across processes."""
+        if frozen(self.step_index, self.freeze_step, self.truncation_interval):
+            return list(before)
+        if truncates(self.step_index, self.truncation_interval, self.total_steps):
+            return agree(self.decide_ranks(groups, proposals))
+        return agree([p.ranks for p in proposals])
 
     def parallel_step(self, storages: list[LowRankStorage], lr: float | Tensor, also_check: list[Tensor] | None
                       ) -> Tensor:
@@ -175,9 +217,9 @@ class TDLRTIntegrator:
         # the stacked gradients hold every nonzero entry (past the step's widths they are zero)
         grads = [t for g in gathered for t in (g.core_grad, *g.k_grads) if t is not None]
         ok = all_finite(grads + list(also_check or []))
-        proposals = [engine.propose(g.group, g.core_grad, g.k_grads, lr, bounds, adam, g.k_grad_rows)
-                     for g, (_, bounds) in zip(gathered, groups)]
-        ranks = agree(self.decide_ranks(groups, proposals))
+        proposals = [engine.propose(g.group, g.core_grad, g.k_grads, lr, self.step_bounds(bounds), adam,
+                                    g.k_grad_rows) for g, (_, bounds) in zip(gathered, groups)]
+        ranks = self.rank_decision(groups, proposals, [g.group.ranks for g in gathered])
         for (part, _), g, proposal, agreed in zip(groups, gathered, proposals, ranks):
             write(part, engine.apply(proposal, agreed), ok, g)
         self._taken += ok

@@ -197,7 +197,8 @@ def _integrator_for(model: nn.Module, core_optimizer, betas, eps, weight_decay, 
         model, core_optimizer=pick(core_optimizer, "core_optimizer", "adam"),
         betas=tuple(pick(betas, "adam_betas", (0.9, 0.999))), eps=pick(eps, "adam_eps", 1e-8),
         weight_decay=pick(weight_decay, "core_weight_decay", 0.0),
-        lr_factor=pick(lr_factor, "core_lr_factor", 1.0))
+        lr_factor=pick(lr_factor, "core_lr_factor", 1.0),
+        truncation_interval=getattr(config, "truncation_interval", 1))
 
 
 def _all_finite(tensors: list[Tensor]) -> bool:

@@ -47,6 +47,13 @@ class TuckerAdapterConfig(PeftConfig):
                 "prod_i r_i; heads and modules_to_save not counted) to train with. Every step then keeps the "
                 "directions with the largest singular values of scale * ΔW over the whole model that fit in it "
                 "(tdrlt_peft/math/budget.py), instead of each layer's tau rule. None: the tau rule."})
+    truncation_interval: int = field(default=1, metadata={
+        "help": "Apply the tau rule every this many optimizer steps (and at the last step); the steps in between "
+                "keep every augmented direction up to r_max, so a new direction gets first-order updates before "
+                "it is judged. 1: every step. Ranks then keep adapting late in training (benchmarks/glue/RANKS.md)."})
+    rank_freeze_fraction: float | None = field(default=None, metadata={
+        "help": "Freeze every rank after this fraction in (0, 1] of the optimizer steps (TDLRTCallback; bases and "
+                "core still train). None: ranks adapt until the end."})
     scale: float = field(default=1.0, metadata={
         "help": "Constant output scale s of s * ΔW (never rank dependent, so a rank change never makes the "
                 "output jump)."})
@@ -110,6 +117,10 @@ class TuckerAdapterConfig(PeftConfig):
         if self.target_params is not None and (isinstance(self.target_params, bool)
                                                or not isinstance(self.target_params, int) or self.target_params < 1):
             raise bad("target_params", "a budget is a positive integer number of parameters (None: the tau rule)")
+        if not isinstance(self.truncation_interval, int) or self.truncation_interval < 1:
+            raise bad("truncation_interval", "it must be an integer >= 1")
+        if self.rank_freeze_fraction is not None and not 0 < self.rank_freeze_fraction <= 1:
+            raise bad("rank_freeze_fraction", "it must be None or satisfy 0 < fraction <= 1")
         if not self.scale > 0:
             raise bad("scale", "it must be > 0")
         if not 0 <= self.dropout < 1:
