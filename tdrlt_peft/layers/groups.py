@@ -171,6 +171,7 @@ def adapter_views(storages: list[LowRankStorage], stacked: list[Tensor], layout:
     (core, factors)."""
     mine: list[Tensor] = []
     theirs: list[Tensor] = []
+    k_modes = [e for e in k_layout(layout.rows, layout.widths) if e is not None]
     for b, s in enumerate(storages):
         index = tuple(slice(0, min(w, n)) for w, n in zip(layout.widths, s.core.shape))
         core = s.core.grad if grads else s.core
@@ -184,8 +185,7 @@ def adapter_views(storages: list[LowRankStorage], stacked: list[Tensor], layout:
         if not grads and len(stacked) > len(dims):            # the K-moment buffer, mode by mode
             width = min(layout.k_width, s.k_buffer.shape[-1])
             K, start = stacked[len(dims)], 0
-            for (first, _, _), U in zip([e for e in k_layout(layout.rows, layout.widths) if e is not None],
-                                        [U for U in s.factors if U is not None]):
+            for (first, _, _), U in zip(k_modes, [U for U in s.factors if U is not None]):
                 n = U.shape[0]
                 pairs.append((s.k_buffer[:, start:start + n, :width], K[b, :, first:first + n, :width]))
                 start += n

@@ -26,14 +26,12 @@ singular vectors ``P_i``). The rule, per core entry:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from .orth import constant
-from .tucker import mode_dot
 
 
 @dataclass
@@ -62,42 +60,14 @@ def adam_direction(grad: Tensor, state: AdamMoments, betas: tuple[float, float],
     return m / (v.sqrt() + eps), AdamMoments(m, v, wm, wv)
 
 
-def pad_moments(state: AdamMoments, shape: Sequence[int]) -> AdamMoments:
-    """Embed the moments into augmented coordinates: new entries get ``m = wm = 0`` and the mean ``v``, ``wv``
-    of the existing entries."""
-    def pad(t: Tensor, fill: Tensor | float) -> Tensor:
-        out = torch.full(list(shape), 0.0, dtype=t.dtype, device=t.device) + fill
-        out[tuple(slice(0, s) for s in t.shape)] = t
-        return out
-    v_fill = state.v.mean() if state.v.numel() else 0.0
-    wv_fill = state.wv.mean() if state.wv.numel() else 0.0
-    return AdamMoments(pad(state.m, 0.0), pad(state.v, v_fill), pad(state.wm, 0.0), pad(state.wv, wv_fill))
-
-
-def rotate_moments(state: AdamMoments, rotations: Sequence[Tensor | None]) -> AdamMoments:
-    """Transport the moments by ``x_i P_i^T`` (first moment) and ``x_i (P_i * P_i)^T`` (the others)."""
-    m, v, wm, wv = state.tensors()
-    for i, P in enumerate(rotations):
-        if P is None:
-            continue
-        m = mode_dot(m, P.T, i)
-        P2 = (P * P).T
-        v, wm, wv = (mode_dot(t, P2, i) for t in (v, wm, wv))
-    return AdamMoments(m, v, wm, wv)
-
-
-def zeros_like_moments(core: Tensor) -> AdamMoments:
-    return AdamMoments(*(torch.zeros_like(core) for _ in range(4)))
-
-
 def transport_planes(X: Tensor, T: Tensor, active: Tensor | None = None) -> Tensor:
     """K-gradient moments in new column coordinates, all four planes in one matmul.
 
     ``X`` (B, 4, M, n, m): the planes m, v, wm, wv of M matrices ``(n, m)`` per batch entry; ``T`` (B, M, m, m') maps
     old to new columns; ``active`` (B, M, m) bool: the old columns with history (default all). ``m <- m T``;
     ``v, wm, wv <- (.) (T * T)``; a column's missing weight ``1 - sum_j T_jk^2`` (directions it did not have before)
-    is filled with the row's mean ``v`` and ``wv`` over the active old columns, ``pad_moments``'s rule per ambient
-    row. Returns (B, 4, M, n, m').
+    is filled with the row's mean ``v`` and ``wv`` over the active old columns (per ambient row, the rule of
+    ``group_moments.pad_core_moments``). Returns (B, 4, M, n, m').
     """
     T2 = T * T
     out = X @ torch.stack([T, T2, T2, T2], 1)                                # (B, 4, M, n, m')

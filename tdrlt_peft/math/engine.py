@@ -158,7 +158,7 @@ def augment(group: Group, k_dirs: list[Tensor | None], caps: Tensor
     eig = iter(eigh_descending([w[6] for w in work]))
     new: list[Tensor | None] = [None] * len(group.factors)
     shifts: list[Tensor | None] = [None] * len(group.factors)
-    counts = [torch.zeros_like(ranks[:, 0])] * len(group.factors)
+    counts: list[Tensor | None] = [None] * len(group.factors)
     for width, cap, members, U, r, Z, _, threshold in work:
         values, vectors = next(eig)
         max_new = torch.minimum(r, cap - r)                                  # at most r new columns, within storage
@@ -171,7 +171,8 @@ def augment(group: Group, k_dirs: list[Tensor | None], caps: Tensor
             counts[i] = count[batch]
     if list(classes.values()) == [list(range(len(group.factors)))]:      # one class of every mode, in order
         return new, shifts, ranks + count.view(len(group.factors), B).mT
-    return new, shifts, ranks + torch.stack(counts, -1)
+    zero = torch.zeros_like(ranks[:, 0])                                  # modes that are not factorized
+    return new, shifts, ranks + torch.stack([zero if c is None else c for c in counts], -1)
 
 
 def propose(group: Group, core_grad: Tensor, k_grads: list[Tensor | None], lr: float | Tensor, bounds: Bounds,

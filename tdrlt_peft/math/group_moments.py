@@ -18,19 +18,6 @@ from .tucker import batch_fold, batch_mode_dot, batch_unfold
 Layout = list[tuple[int, int, int] | None]
 
 
-def factor_views(K: Tensor, layout: Layout) -> list[AdamMoments | None]:
-    """Per-mode views ``(B, N_i, W_i)`` of a K-moment buffer (the weights as one row ``(B, 1, W_i)``)."""
-    out: list[AdamMoments | None] = []
-    for entry in layout:
-        if entry is None:
-            out.append(None)
-            continue
-        start, n, width = entry
-        m, v, wm, wv = K[:, :, start:start + n, :width].unbind(1)
-        out.append(AdamMoments(m, v, wm[:, :1], wv[:, :1]))
-    return out
-
-
 def precondition(K: Tensor | None, layout: Layout, k_grads: list[Tensor | None], adam: dict | None,
                  stacked: Tensor | None = None) -> tuple[list[Tensor | None], Tensor | None]:
     """Adam directions of the K-gradients (every mode in one call on the row-stacked moments) and the updated
@@ -95,12 +82,7 @@ def transport_factor_moments(K: Tensor, layout: Layout, maps: list[tuple[Tensor,
     """The K-moment buffer in the new column coordinates (``adam.transport_planes`` per mode), zero past the new
     columns: modes of equal rows (consecutive in ``K``) as one batch, else one product per mode."""
     entries = [(e, m) for e, m in zip(layout, maps) if e is not None]
-    rows = {e[1] for e, _ in entries}
-    B, _, total, W = K.shape
-    if len(rows) == 1:
-        groups = [entries]
-    else:
-        groups = [[entry] for entry in entries]
+    groups = [entries] if len({e[1] for e, _ in entries}) == 1 else [[entry] for entry in entries]
     blocks = []
     for part in groups:
         (start, n, _), _ = part[0]
