@@ -116,4 +116,10 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:
+        # Without this, gloo's worker threads may still hold tensors when the interpreter shuts down, and the
+        # process aborts (SIGABRT, "terminate called without an active exception") after a successful run.
+        if dist.is_initialized():
+            dist.destroy_process_group()
