@@ -159,3 +159,43 @@ def test_rank_recorder_counts_late_changes(tmp_path):
     assert summary["rank_changes_after_10pct"] == 1 and summary["rank_changes_after_25pct"] == 0
     assert [h["step"] for h in summary["rank_history"]] == [0, 5, 10, 15, 20]
     assert plot_rank_history(summary["rank_history"], "t", tmp_path / "r.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("grouping", ["adapter", "shape", "padded"])
+@pytest.mark.parametrize("core_optimizer", ["sgd", "adam"])
+@pytest.mark.parametrize("budget", [False, True])
+def test_step_of_learning_rate_zero_keeps_ranks_and_weights(grouping, core_optimizer, budget):
+    """The Trainer's linear warm-up makes the first optimizer step one of learning rate 0. From fresh adapters
+    (ΔW = 0) every augmented core is then zero: the step must change nothing, ranks included (it used to send every
+    adapter to r_min, so the configured r never mattered), and the next step must start from those ranks."""
+    from peft import get_peft_model
+
+    from .test_batched_step import Net
+
+    torch.manual_seed(0)
+    targets = ["a", "b", "c", "zero", "d", "e", "f", "conv1", "conv2"]
+    config = TuckerAdapterConfig(target_modules=targets, r=2, r_max=5, tau=0.02, rank_pattern={"e": 3},
+                                 target_params=900 if budget else None)
+    model = get_peft_model(Net().to(F64), config)
+    integrator = TDLRTIntegrator(model, core_optimizer=core_optimizer, grouping=grouping)
+    before_ranks = adapter_ranks(model)
+    before = {name: dense_weight(s).clone() for name, s in zip(before_ranks, _storages(model))}
+    assert len(set(before_ranks.values())) > 1 and all(min(r) > 1 for r in before_ranks.values())
+    g = torch.Generator().manual_seed(1)
+    batch = [torch.randn(16, 10, generator=g, dtype=F64), torch.randn(4, 3, 6, 6, generator=g, dtype=F64),
+             torch.randn(16, 12, generator=g, dtype=F64), torch.randn(4, 5, 4, 4, generator=g, dtype=F64)]
+    model(*batch).backward()
+    assert integrator.step(0.0)
+    assert adapter_ranks(model) == before_ranks
+    for name, s in zip(before_ranks, _storages(model)):
+        torch.testing.assert_close(dense_weight(s), before[name], atol=IDENTITY[F64], rtol=0, msg=name)
+    model.zero_grad()
+    model(*batch).backward()
+    assert integrator.step(0.1)
+    assert adapter_ranks(model) != before_ranks                   # a real step still decides ranks
+
+
+def _storages(model):
+    from tdrlt_peft.layers.inventory import iter_storages
+
+    return list(iter_storages(model))

@@ -27,7 +27,8 @@ step keeps its r_min floors (the caller refuses budgets under that floor before 
 
 Device work: a constant number of ops per group of adapters (one ``searchsorted`` of all candidates against the
 group's scores, a clamp, a product), one ``amin`` for the whole model and one more ``searchsorted`` per group at the
-chosen threshold; no host read. Memory: (rows of all groups) x (number of candidates) integers.
+chosen threshold; no host read. Memory: (rows of all groups) x (number of candidates) integers. A step with no
+candidate anywhere (every core zero) keeps the ranks it started from.
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ class Spectrum:
     rank; a Tucker adapter: one per factorized mode), non-increasing along W, ``-inf`` where no candidate;
     ``row_of_mode[i]``: the row that gives mode i's rank, None for an unfactorized mode (``k = n``); ``sizes``
     (B, d) the modes' sizes n_bi; ``r_min`` (B,); ``caps`` (B, F); ``member`` (B,) bool: whether the adapter is in
-    the budget (the others cost nothing here and keep their own rule)."""
+    the budget (the others cost nothing here and keep their own rule); ``current`` (B, d): the ranks before the
+    step (None: every row at ``r_min`` in that case)."""
 
     scores: Tensor
     row_of_mode: list[int | None]
@@ -56,6 +58,7 @@ class Spectrum:
     r_min: Tensor
     caps: Tensor
     member: Tensor
+    current: Tensor | None = None
 
 
 def direction_scores(values: Tensor, scale: Tensor, cap: Tensor) -> Tensor:
@@ -79,7 +82,7 @@ def proposal_spectrum(proposal: Proposal, scale: Tensor, r_min: Tensor, storage_
         values = proposal.eig[0][0]
         cap = torch.minimum(storage_cap[:, 0], augmented.amin(-1))
         scores = direction_scores(values, scale, cap)[:, None]                      # (B, 1, W)
-        return Spectrum(scores, [0, 0], sizes, r_min, cap[:, None], member)
+        return Spectrum(scores, [0, 0], sizes, r_min, cap[:, None], member, proposal.group.ranks)
     total = augmented.prod(-1)
     rows, caps, row_of_mode = [], [], []
     width = max(pair[0].shape[-1] for pair in proposal.eig if pair is not None)
@@ -92,7 +95,8 @@ def proposal_spectrum(proposal: Proposal, scale: Tensor, r_min: Tensor, storage_
         rows.append(torch.nn.functional.pad(scores, (0, width - scores.shape[-1]), value=-torch.inf))
         caps.append(cap)
         row_of_mode.append(len(rows) - 1)
-    return Spectrum(torch.stack(rows, 1), row_of_mode, sizes, r_min, torch.stack(caps, 1), member)
+    return Spectrum(torch.stack(rows, 1), row_of_mode, sizes, r_min, torch.stack(caps, 1), member,
+                    proposal.group.ranks)
 
 
 def row_ranks(spectrum: Spectrum, thresholds: Tensor) -> Tensor:
@@ -136,10 +140,13 @@ def budget_ranks(spectra: list[Spectrum], target: int | Tensor) -> list[Tensor]:
     total = sum(spectrum_parameters(s, row_ranks(s, thresholds)).sum(0) for s in spectra)     # P(t) (T,)
     # the smallest feasible threshold (+inf, all at r_min, when none is: the floor the caller checked)
     chosen = torch.where(total <= target, thresholds, torch.inf).amin().reshape(1)
+    # no candidate anywhere: every core is zero (a step of learning rate 0, as the first of a linear warm-up), so
+    # the step changes nothing and keeps the ranks it started from (which met the budget)
+    moved = torch.isfinite(flat[1:]).any()
     out = []
     for s in spectra:
-        ranks = mode_ranks(s, row_ranks(s, chosen))
-        out.append(torch.stack(ranks, -1)[:, 0])                             # (B, d)
+        ranks = torch.stack(mode_ranks(s, row_ranks(s, chosen)), -1)[:, 0]  # (B, d)
+        out.append(ranks if s.current is None else torch.where(moved, ranks, s.current))
     return out
 
 

@@ -228,7 +228,7 @@ def truncation_proposal(group: Group, bases: list[Tensor | None], core_hat: Tens
         values = (left.mT @ core_hat).square().sum(-1)
         cap = torch.minimum(torch.minimum(bounds.r_max, bounds.cap.amin(-1)).clamp_max(min(U.shape[-1] for U in bases)),
                             augmented.amin(-1))
-        k = truncation_ranks(values, bounds.tau, bounds.r_min, cap, bounds.absolute)
+        k = truncation_ranks(values, bounds.tau, bounds.r_min, cap, bounds.absolute, group.ranks[:, 0])
         return Proposal(group=group, bases=bases, core=core_hat, augmented=augmented,
                         eig=[(values, left), (values, right)], ranks=k[:, None].expand(-1, 2), moments=moments,
                         qs=qs, k_buffer=k_buffer)
@@ -247,7 +247,7 @@ def truncation_proposal(group: Group, bases: list[Tensor | None], core_hat: Tens
                                           augmented[:, i]), total // augmented[:, i].clamp_min(1))
         # σ_j^2 = ||p_j^T Mat_i(Ĉ)||^2: accurate to eps σ_1 (the Gram's eigenvalues only to sqrt(eps) σ_1)
         values = (vectors.mT @ unfolded[i]).square().sum(-1)
-        ranks[:, i] = truncation_ranks(values, bounds.tau, bounds.r_min, cap, bounds.absolute)
+        ranks[:, i] = truncation_ranks(values, bounds.tau, bounds.r_min, cap, bounds.absolute, group.ranks[:, i])
         pairs.append((values, vectors))
     return Proposal(group=group, bases=bases, core=core_hat, augmented=augmented, eig=pairs, ranks=ranks,
                     moments=moments, qs=qs, k_buffer=k_buffer)

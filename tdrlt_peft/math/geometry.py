@@ -71,17 +71,22 @@ def augment_basis(U: Tensor, G: Tensor, max_new: int) -> Tensor:
     return new[0, :, : int(count[0])]
 
 
-def truncation_ranks(values: Tensor, tau: Tensor, r_min: Tensor, cap: Tensor, absolute: Tensor) -> Tensor:
+def truncation_ranks(values: Tensor, tau: Tensor, r_min: Tensor, cap: Tensor, absolute: Tensor,
+                     current: Tensor | None = None) -> Tensor:
     """Smallest ``k`` with ``sum_{j >= k} σ_j^2 <= (τ ||σ||)^2`` (``<= τ^2`` if absolute), from ``values = σ^2``
     ``(B, m)`` (descending, up to round-off), one rank per row and no host read. ``σ_j <= ZERO_SV_FACTOR eps σ_1``
     counts as zero, so τ = 0 keeps the exact rank, not round-off.
-    Clamped to ``[r_min, cap]`` (``cap >= 1``); an all-zero row gives ``r_min`` (clamped the same way)."""
+    Clamped to ``[r_min, cap]`` (``cap >= 1``). An all-zero row (a zero core after a step of learning rate 0, as
+    the first step of a linear warm-up) gives ``current`` (B,), the rank before the step: a step that changes
+    nothing keeps the rank. Without ``current`` (no rank before: a dense weight) it gives ``r_min``."""
     cutoff = (ZERO_SV_FACTOR * eps(values.dtype)) ** 2 * values.amax(-1, keepdim=True)
     values = values * (values > cutoff)                                     # also clears negative round-off
     tail = values.flip(-1).cumsum(-1).flip(-1)                              # tail[j] = sum_{l >= j} σ_l^2
     tau2 = tau * tau
     threshold = torch.where(absolute, tau2, tau2 * tail[:, 0])
     k = (tail > threshold[:, None]).sum(-1)
+    if current is not None:
+        k = torch.where(tail[:, 0] > 0, k, current)
     return torch.clamp(k, r_min, cap)                                       # cap >= 1: ranks are >= 1
 
 
