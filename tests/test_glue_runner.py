@@ -295,7 +295,8 @@ def test_warmup_longer_than_the_run_stops_before_training(capsys, tmp_path, tiny
 def test_offline_dataset_needs_its_task(capsys):
     assert "--dataset debates uses the sst2 format and recipe: use it with --task sst2" in _error(
         capsys, ["--dataset", "debates", "--task", "rte"])
-    assert "unknown --dataset 'imdb'; valid: glue, rotten_tomatoes, rotten_tomatoes_tuning, debates" in _error(capsys, ["--dataset", "imdb"])
+    assert "unknown --dataset 'imdb'; valid: glue, rotten_tomatoes, rotten_tomatoes_tuning, debates" in _error(
+        capsys, ["--dataset", "imdb"])
 
 
 def test_unreachable_hub_dataset(capsys, tmp_path, tiny_model):

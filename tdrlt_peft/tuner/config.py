@@ -38,9 +38,10 @@ class TuckerAdapterConfig(PeftConfig):
     r_max: int = field(default=32, metadata={
         "help": "Largest rank; factors are stored at this width. From rank r a step can add at most "
                 "r_max - r directions, so choose about twice the rank you expect."})
-    tau: float = field(default=0.1, metadata={
+    tau: float = field(default=0.4, metadata={
         "help": "Truncation tolerance in [0, 1): drop the smallest singular values whose norm is at most "
-                "tau * ||core||_F (relative), or at most tau when absolute_tau. 0 keeps the exact rank."})
+                "tau * ||core||_F (relative), or at most tau when absolute_tau. 0 keeps the exact rank. The "
+                "default was chosen on a tuning split (benchmarks/glue/DEFAULTS.md)."})
     absolute_tau: bool = field(default=False, metadata={"help": "Use tau as an absolute threshold."})
     target_params: int | None = field(default=None, metadata={
         "help": "Parameter budget: the total active adapter parameters (sum over adapters of sum_i n_i r_i + "
@@ -54,9 +55,9 @@ class TuckerAdapterConfig(PeftConfig):
     rank_freeze_fraction: float | None = field(default=None, metadata={
         "help": "Freeze every rank after this fraction in (0, 1] of the optimizer steps (TDLRTCallback; bases and "
                 "core still train). None: ranks adapt until the end."})
-    scale: float = field(default=1.0, metadata={
+    scale: float = field(default=2.0, metadata={
         "help": "Constant output scale s of s * ΔW (never rank dependent, so a rank change never makes the "
-                "output jump)."})
+                "output jump). With the Adam core it multiplies the adapters' step size (about lr * scale)."})
     dropout: float = field(default=0.0, metadata={"help": "Dropout probability on the adapter input."})
     core_optimizer: Literal["adam", "sgd"] = field(default="adam", metadata={
         "help": "Update of the core in the augmented basis: 'adam' (state transported across basis changes) "
