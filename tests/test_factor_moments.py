@@ -93,14 +93,14 @@ class _Linear(nn.Module):
 
 
 def test_first_moment_of_a_constant_gradient_is_carried_exactly():
-    """loss = <y, lin(x)>: G = y^T x is constant, so the debiased first moment of G_K = G V must equal G V at the
+    """loss = <y, lin(x)>: G = s y^T x is constant, so the debiased first moment of G_K = G V must equal G V at the
     current V after every step (here r = r_max leaves no room to augment, so no direction lacks history)."""
     torch.manual_seed(0)
     config = TuckerAdapterConfig(target_modules=["lin"], r=3, r_max=3, tau=0.0)
     model = get_peft_model(_Linear().to(F64), config)
     integrator = TDLRTIntegrator(model, batched=False)
     x, y = torch.randn(7, 6, dtype=F64), torch.randn(7, 5, dtype=F64)
-    G = y.T @ x                                                 # dL/dW, (out, in)
+    G = config.scale * (y.T @ x)                                # dL/dΔW of W0 + s ΔW, (out, in)
     for _ in range(3):
         (model(x) * y).sum().backward()
         assert integrator.step(0.05)
