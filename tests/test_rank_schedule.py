@@ -6,13 +6,16 @@ import math
 
 import pytest
 import torch
+from peft import get_peft_model
 from torch import nn
 
 from tdrlt_peft import TDLRTCallback, TDLRTIntegrator, TuckerAdapterConfig, adapter_ranks
 from tdrlt_peft.layers.adapter import Linear
+from tdrlt_peft.layers.inventory import iter_storages
 from tdrlt_peft.math.geometry import freeze_step, frozen, truncates
 
 from .helpers import dense_weight, only_storage, tangent_projection, tiny_deberta
+from .test_batched_step import Net
 from .tolerances import IDENTITY
 
 F64 = torch.float64
@@ -168,10 +171,6 @@ def test_step_of_learning_rate_zero_keeps_ranks_and_weights(grouping, core_optim
     """The Trainer's linear warm-up makes the first optimizer step one of learning rate 0. From fresh adapters
     (ΔW = 0) every augmented core is then zero: the step must change nothing, ranks included (it used to send every
     adapter to r_min, so the configured r never mattered), and the next step must start from those ranks."""
-    from peft import get_peft_model
-
-    from .test_batched_step import Net
-
     torch.manual_seed(0)
     targets = ["a", "b", "c", "zero", "d", "e", "f", "conv1", "conv2"]
     config = TuckerAdapterConfig(target_modules=targets, r=2, r_max=5, tau=0.02, rank_pattern={"e": 3},
@@ -179,7 +178,7 @@ def test_step_of_learning_rate_zero_keeps_ranks_and_weights(grouping, core_optim
     model = get_peft_model(Net().to(F64), config)
     integrator = TDLRTIntegrator(model, core_optimizer=core_optimizer, grouping=grouping)
     before_ranks = adapter_ranks(model)
-    before = {name: dense_weight(s).clone() for name, s in zip(before_ranks, _storages(model))}
+    before = [dense_weight(s).clone() for s in iter_storages(model)]
     assert len(set(before_ranks.values())) > 1 and all(min(r) > 1 for r in before_ranks.values())
     g = torch.Generator().manual_seed(1)
     batch = [torch.randn(16, 10, generator=g, dtype=F64), torch.randn(4, 3, 6, 6, generator=g, dtype=F64),
@@ -187,15 +186,9 @@ def test_step_of_learning_rate_zero_keeps_ranks_and_weights(grouping, core_optim
     model(*batch).backward()
     assert integrator.step(0.0)
     assert adapter_ranks(model) == before_ranks
-    for name, s in zip(before_ranks, _storages(model)):
-        torch.testing.assert_close(dense_weight(s), before[name], atol=IDENTITY[F64], rtol=0, msg=name)
+    for i, (s, expected) in enumerate(zip(iter_storages(model), before)):
+        torch.testing.assert_close(dense_weight(s), expected, atol=IDENTITY[F64], rtol=0, msg=f"adapter {i}")
     model.zero_grad()
     model(*batch).backward()
     assert integrator.step(0.1)
     assert adapter_ranks(model) != before_ranks                   # a real step still decides ranks
-
-
-def _storages(model):
-    from tdrlt_peft.layers.inventory import iter_storages
-
-    return list(iter_storages(model))
