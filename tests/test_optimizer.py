@@ -17,9 +17,10 @@ from .helpers import MLP, tiny_deberta
 LR = 0.05
 
 
-def make_model(seed: int = 0):
+def make_model(seed: int = 0, **config_kwargs):
     torch.manual_seed(seed)
-    config = TuckerAdapterConfig(target_modules=["lin0", "lin1"], modules_to_save=["head"], r=2, r_max=8, tau=0.1)
+    config = TuckerAdapterConfig(target_modules=["lin0", "lin1"], modules_to_save=["head"], r=2, r_max=8, tau=0.1,
+                                 **config_kwargs)
     return get_peft_model(MLP(), config)
 
 
@@ -58,8 +59,9 @@ def assert_same_function(a, b):
             torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5, msg=name)
 
 
-def hand_written_run(model, steps, lrs=None):
-    integrator = TDLRTIntegrator(model, core_optimizer="adam")
+def hand_written_run(model, steps, lrs=None, truncation_interval=1, total_steps=None):
+    integrator = TDLRTIntegrator(model, core_optimizer="adam", truncation_interval=truncation_interval)
+    integrator.total_steps = total_steps
     other = torch.optim.AdamW(integrator.other_trainable_parameters(), lr=LR, weight_decay=0.01)
     for t, batch in enumerate(batches(steps)):
         lr = LR if lrs is None else lrs[t]
@@ -173,7 +175,7 @@ def test_state_dict_round_trip_continues_identically():
     buffer = io.BytesIO()
     torch.save(optimizer.state_dict(), buffer)      # as the Trainer does; a live state dict shares its tensors
     state = torch.load(io.BytesIO(buffer.getvalue()), weights_only=True)
-    assert state["tdlrt"] == {"num_steps": 2, "num_skipped": 0}
+    assert state["tdlrt"] == {"num_steps": 2, "num_skipped": 0, "step_index": 2}
     assert len(state["state"]) == 2     # AdamW state of the head's weight and bias; adapter moments are buffers
     twin = make_model()
     twin.load_state_dict(model.state_dict())
@@ -187,6 +189,52 @@ def test_state_dict_round_trip_continues_identically():
     torch.manual_seed(1)
     optimizer_run(twin, steps=3, optimizer=twin_optimizer)
     assert_same_function(model, twin)
+
+
+def test_total_steps_ends_an_interval_run_truncated():
+    # truncation every 4 steps: steps 0 and 4 truncate, and with total_steps=6 also the last one (5)
+    expected = hand_written_run(make_model(truncation_interval=4), steps=6, truncation_interval=4, total_steps=6)
+    model = make_model(truncation_interval=4)
+    got = optimizer_run(model, steps=6, optimizer=TDLRTOptimizer(model, lr=LR, weight_decay=0.01, total_steps=6))
+    assert_same_state(got, expected)
+    with pytest.warns(UserWarning, match="total_steps"):
+        TDLRTOptimizer(untruncated := make_model(truncation_interval=4), lr=LR, weight_decay=0.01)
+    untruncated = optimizer_run(untruncated, steps=6)   # ends after an augmenting step: more directions kept
+    assert sum(map(sum, adapter_ranks(untruncated).values())) > sum(map(sum, adapter_ranks(got).values()))
+
+
+def test_total_steps_resumes_the_truncation_schedule():
+    expected = hand_written_run(make_model(truncation_interval=4), steps=6, truncation_interval=4, total_steps=6)
+    model = make_model(truncation_interval=4)
+    optimizer = TDLRTOptimizer(model, lr=LR, weight_decay=0.01, total_steps=6)
+    for batch in batches(6)[:3]:
+        loss_of(model, batch).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    resumed = TDLRTOptimizer(model, lr=LR, weight_decay=0.01, total_steps=6)
+    resumed.load_state_dict(optimizer.state_dict())
+    for batch in batches(6)[3:]:
+        loss_of(model, batch).backward()
+        resumed.step()
+        resumed.zero_grad()
+    assert_same_state(model, expected)
+
+
+def test_rank_freeze_fraction_needs_and_follows_total_steps():
+    with pytest.raises(ValueError, match=r"rank_freeze_fraction=0.5 needs the run length.*total_steps="):
+        TDLRTOptimizer(make_model(rank_freeze_fraction=0.5), lr=LR)
+    with pytest.raises(ValueError, match="total_steps must be a positive int"):
+        TDLRTOptimizer(make_model(), lr=LR, total_steps=0)
+    model = make_model(rank_freeze_fraction=0.5)
+    optimizer = TDLRTOptimizer(model, lr=LR, total_steps=8)
+    history = []
+    for batch in batches(8):
+        loss_of(model, batch).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        history.append(adapter_ranks(model))
+    assert history[0] != {k: (2, 2) for k in history[0]}    # ranks moved before the freeze
+    assert all(h == history[3] for h in history[4:])        # steps 4..7 (from ceil(0.5 * 8)) keep them
 
 
 def test_zero_grad_clears_factor_gradients():

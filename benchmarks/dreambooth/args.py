@@ -60,6 +60,8 @@ def parser() -> argparse.ArgumentParser:
     methods.add_argument("--tdlrt_r", type=int, default=4, help="TDLRT initial rank.")
     methods.add_argument("--tdlrt_r_max", type=int, default=16, help="TDLRT largest rank.")
     methods.add_argument("--tdlrt_scale", type=float, default=1.0, help="TDLRT output scale.")
+    methods.add_argument("--tdlrt_truncation_interval", type=int, default=1, help=(
+        "TDLRT: truncate by tau every N steps (and at the last); the steps between keep every augmented direction."))
     methods.add_argument("--tdlrt_learning_rate", type=float, default=1e-3, help=(
         "Learning rate of the TDLRT step (tuned, see README; --learning_rate is the other methods')."))
     methods.add_argument("--target_modules", nargs="+", default=None, help=(
@@ -120,6 +122,8 @@ def validate(args: argparse.Namespace) -> argparse.Namespace:
     for flag in ("lora_r", "loha_r", "lokr_r"):
         if any(r < 1 for r in getattr(args, flag)):
             raise RunnerError(f"--{flag} {getattr(args, flag)}: ranks must be >= 1")
+    if args.tdlrt_truncation_interval < 1:
+        raise RunnerError(f"--tdlrt_truncation_interval {args.tdlrt_truncation_interval}: must be >= 1 (1: every step)")
     if not 1 <= args.tdlrt_r <= args.tdlrt_r_max:
         raise RunnerError(f"--tdlrt_r {args.tdlrt_r} --tdlrt_r_max {args.tdlrt_r_max}: need 1 <= r <= r_max")
     for flag in ("max_train_steps", "train_batch_size", "num_eval_timesteps", "num_samples", "num_inference_steps",

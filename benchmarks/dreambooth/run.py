@@ -230,7 +230,8 @@ def _settings(args, prep: Prepared) -> dict:
             "mixed_precision", "gradient_checkpointing")
     settings = {k: getattr(args, k) for k in keys}
     settings.update(targets=prep.targets, tdlrt={"r": args.tdlrt_r, "r_max": args.tdlrt_r_max,
-                                                 "scale": args.tdlrt_scale, "lr": args.tdlrt_learning_rate})
+                                                 "scale": args.tdlrt_scale, "lr": args.tdlrt_learning_rate,
+                                                 "truncation_interval": args.tdlrt_truncation_interval})
     return settings
 
 

@@ -23,12 +23,14 @@ optimizer's state, every group's hyperparameters and the integrator counters.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from ..math.geometry import freeze_step
 from .integrator import TDLRTIntegrator
 
 CONSUMED_MESSAGE = (
@@ -50,6 +52,9 @@ class TDLRTOptimizer(torch.optim.Optimizer):
             ``other_optimizer_cls(params, lr=lr, **other_kwargs)``.
         core_optimizer, betas, eps, core_weight_decay, lr_factor: the integrator's settings; None takes them from
             the model's active ``TuckerAdapterConfig`` (as ``TDLRTCallback`` does).
+        total_steps: the run's optimizer steps, as ``TDLRTCallback`` reads them from the Trainer: the last step then
+            truncates (``truncation_interval > 1`` ends the run truncated) and ``rank_freeze_fraction`` applies.
+            Needed with ``rank_freeze_fraction``.
         **other_kwargs: passed to ``other_optimizer_cls`` (e.g. ``weight_decay``).
 
     A non-finite gradient anywhere skips the whole step (adapters and others), as ``GradScaler`` does.
@@ -61,10 +66,16 @@ class TDLRTOptimizer(torch.optim.Optimizer):
                  other_optimizer_cls: Callable[..., torch.optim.Optimizer] = torch.optim.AdamW, *,
                  adapter_lr: float | None = None, core_optimizer: str | None = None,
                  betas: tuple[float, float] | None = None, eps: float | None = None,
-                 core_weight_decay: float | None = None, lr_factor: float | None = None, **other_kwargs: Any):
+                 core_weight_decay: float | None = None, lr_factor: float | None = None,
+                 total_steps: int | None = None, **other_kwargs: Any):
         if not lr >= 0:
             raise ValueError(f"TDLRTOptimizer: lr must be >= 0, got {lr}.")
-        self.integrator = _integrator_for(model, core_optimizer, betas, eps, core_weight_decay, lr_factor)
+        if total_steps is not None and not (isinstance(total_steps, int) and total_steps > 0):
+            raise ValueError(f"TDLRTOptimizer: total_steps must be a positive int (the run's optimizer steps), got "
+                             f"{total_steps!r}.")
+        config = _tdlrt_config(model)
+        self.integrator = _integrator_for(config, model, core_optimizer, betas, eps, core_weight_decay, lr_factor)
+        _plan_run(self.integrator, config, total_steps)
         storages = self.integrator.storages()
         factors = [p for s in storages for p in s.parameters() if p.requires_grad]
         others = self.integrator.other_trainable_parameters()
@@ -126,7 +137,8 @@ class TDLRTOptimizer(torch.optim.Optimizer):
     def state_dict(self) -> dict[str, Any]:
         """``torch.optim.Optimizer``'s (the wrapped optimizer's state, every group) plus the integrator counters."""
         state = super().state_dict()
-        state["tdlrt"] = {"num_steps": self.num_steps, "num_skipped": self.num_skipped}
+        state["tdlrt"] = {"num_steps": self.num_steps, "num_skipped": self.num_skipped,
+                          "step_index": self.integrator.step_index}
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -137,6 +149,8 @@ class TDLRTOptimizer(torch.optim.Optimizer):
         if counters is not None:   # counted on from the loaded values
             self._counted_before = (int(counters["num_steps"]) - self.integrator.num_steps,
                                     int(counters["num_skipped"]) - self.integrator.num_skipped)
+            # the truncation schedule, the last step and the rank freeze go on from where the run was
+            self.integrator.step_index = int(counters.get("step_index", self.integrator.step_index))
 
     @property
     def num_steps(self) -> int:
@@ -180,8 +194,8 @@ class _Counter:
         self.count += 1
 
 
-def _integrator_for(model: nn.Module, core_optimizer, betas, eps, weight_decay, lr_factor) -> TDLRTIntegrator:
-    """The integrator with the explicit settings, else those of the model's active TDLRT config."""
+def _tdlrt_config(model: nn.Module):
+    """The model's active TDLRT config (else its first TDLRT one); None when it has none."""
     configs = getattr(model, "peft_config", None) or {}
     active = getattr(model, "active_adapter", None)
     if callable(active):   # diffusers' ModelMixin.active_adapters is a method; transformers' a property
@@ -189,6 +203,28 @@ def _integrator_for(model: nn.Module, core_optimizer, betas, eps, weight_decay, 
     config = configs.get(active if isinstance(active, str) else next(iter(configs), None))
     if config is not None and getattr(config, "peft_type", None) != "TDLRT":
         config = next((c for c in configs.values() if getattr(c, "peft_type", None) == "TDLRT"), None)
+    return config
+
+
+def _plan_run(integrator: TDLRTIntegrator, config, total_steps: int | None) -> None:
+    """The run length's consequences: a truncated last step and the rank freeze (as ``TDLRTCallback`` sets them)."""
+    fraction = getattr(config, "rank_freeze_fraction", None)
+    if total_steps is None:
+        if fraction is not None:
+            raise ValueError(f"TDLRTOptimizer: the config's rank_freeze_fraction={fraction} needs the run length: "
+                             "pass TDLRTOptimizer(..., total_steps=<optimizer steps of the run>).")
+        if getattr(config, "truncation_interval", 1) > 1:
+            warnings.warn("TDLRTOptimizer: truncation_interval > 1 without total_steps: the run may end between two "
+                          "truncations, with every augmented direction kept. Pass total_steps=<optimizer steps> so "
+                          "the last step truncates.", stacklevel=3)
+        return
+    integrator.total_steps = total_steps
+    integrator.freeze_step = freeze_step(fraction, total_steps)
+
+
+def _integrator_for(config, model: nn.Module, core_optimizer, betas, eps, weight_decay, lr_factor
+                    ) -> TDLRTIntegrator:
+    """The integrator with the explicit settings, else those of the TDLRT ``config``."""
 
     def pick(value, name, default):
         return value if value is not None else getattr(config, name, default)
