@@ -6,6 +6,9 @@ set -euo pipefail
 OUT=${1:-outputs/dreambooth-tuning}
 shift || true      # the remaining arguments go to every tuning run
 SUBJECT=${TDRLT_CACHE:-$HOME/.cache/tdrlt_peft}/fashion-mnist-subject
+# the subject's folders (instance, tuning, report) exist after the first default run; write them now on a fresh cache
+python -c "import sys; from pathlib import Path; from benchmarks.dreambooth.data import offline_subject; \
+offline_subject(Path(sys.argv[1]))" "$SUBJECT"
 COMMON=(--seeds 10 --validation_data_dir "$SUBJECT/tuning" --class_data_dir "$OUT/class_images")
 # class images first (the prior-evaluation folder must exist before the sweep points at it)
 python -m benchmarks.dreambooth --method lora --lora_r 1 --max_train_steps 1 "${COMMON[@]}" \

@@ -53,8 +53,9 @@ class TuckerAdapterConfig(PeftConfig):
                 "keep every augmented direction up to r_max, so a new direction gets first-order updates before "
                 "it is judged. 1: every step. Ranks then keep adapting late in training (benchmarks/glue/RANKS.md)."})
     rank_freeze_fraction: float | None = field(default=None, metadata={
-        "help": "Freeze every rank after this fraction in (0, 1] of the optimizer steps (TDLRTCallback; bases and "
-                "core still train). None: ranks adapt until the end."})
+        "help": "Freeze every rank after this fraction in (0, 1] of the optimizer steps (TDLRTCallback reads the run "
+                "length from the Trainer; TDLRTOptimizer needs total_steps=N). Bases and core still train. None: "
+                "ranks adapt until the end."})
     scale: float = field(default=2.0, metadata={
         "help": "Constant output scale s of s * ΔW (never rank dependent, so a rank change never makes the "
                 "output jump). With the Adam core it multiplies the adapters' step size (about lr * scale)."})
