@@ -70,9 +70,10 @@ def grid(seeds: list[int], lora_r8: int) -> list[Point]:
 
 
 def validation_score(folder: Path) -> float:
+    """The selection run's (the folder's first seed) validation accuracy; the chosen folder's later seeds are not
+    part of the choice, so a restarted sweep chooses the same."""
     runs = load(str(folder))
-    return float(np.mean([r["metrics"].get("validation_accuracy", r["metrics"]["accuracy"]) for r in runs])) \
-        if runs else float("-inf")
+    return runs[0]["metrics"].get("validation_accuracy", runs[0]["metrics"]["accuracy"]) if runs else float("-inf")
 
 
 def chosen_adalora(out: Path) -> Path | None:
