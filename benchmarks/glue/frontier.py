@@ -2,18 +2,21 @@
 TDLRT at its defaults, a tau grid and parameter budgets; one runner process per (point, seed), JOBS at a time.
 
     OMP_NUM_THREADS=1 python -m benchmarks.glue.frontier OUT [--jobs 2] [--seeds 0 1 2] [--points a,b] \
-        [--report-only] -- <runner flags shared by every point, e.g. --preset demo --dataset debates>
+        [--selection_flags FLAGS] [--report-only] -- <runner flags of every point, e.g. --preset offline-full>
 
-AdaLoRA's learning rate is chosen first, on seed 0's validation split (at LoRA's rate it stays at the majority
-class); its other seeds then run at the chosen rate (a tie goes to the smaller rate). Budgets are fractions of
-LoRA r=8's adapter parameters, counted on the model. ``OUT/frontier.md`` and ``OUT/frontier.png`` cover every
-finished run, so a stopped sweep still reports what it measured; a restarted one runs only what is missing.
+AdaLoRA's learning rate is chosen first, on the first seed's validation accuracy (at LoRA's rate it stays at the
+majority class; a tie goes to the smaller rate), in ``adalora_r4_lr*_select/``. Where the reported dataset has no
+validation split, ``--selection_flags`` gives the selection runs a tuning dataset. ``adalora_r4/`` then holds every
+seed at the chosen rate. Budgets are fractions of LoRA r=8's adapter parameters, counted on the model.
+``OUT/frontier.md`` and ``OUT/frontier.png`` cover every finished run, so a stopped sweep still reports what it
+measured; a restarted one runs only what is missing.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -22,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .data import ROTTEN_TOMATOES_TUNING
 from .rank_ablation import fmt, load
 
 ADALORA_LRS = (3e-3, 1e-2)
@@ -54,11 +58,15 @@ def lora_shape(base: list[str]) -> dict:
     return {"lora_r8_adapter_params": adapter, "head_params": head}
 
 
-def grid(seeds: list[int], lora_r8: int) -> list[Point]:
-    """Every point but AdaLoRA's seeds after the first, most important first (a stopped sweep keeps those)."""
+ADALORA = ["--method", "adalora", "--adalora_target_r", "4", "--adalora_init_r", "6"]  # ~50 % of LoRA r=8
+
+
+def grid(seeds: list[int], lora_r8: int, selection: list[str] = ()) -> list[Point]:
+    """Every point but AdaLoRA's reported one (it follows the choice), most important first: a stopped sweep keeps
+    those. ``selection``: runner flags of the AdaLoRA selection runs only (e.g. a tuning dataset)."""
     s = list(seeds)
-    ada = [Point(f"adalora_r4_lr{lr:g}", "adalora", ["--method", "adalora", "--adalora_target_r", "4",
-                 "--adalora_init_r", "6", "--learning_rate", f"{lr:g}"], s[:1]) for lr in ADALORA_LRS]
+    ada = [Point(f"adalora_r4_lr{lr:g}_select", "adalora", [*ADALORA, "--learning_rate", f"{lr:g}", *selection],
+                 s[:1]) for lr in ADALORA_LRS]
     budgets = {f: Point(f"tdlrt_budget{round(100 * f)}", "tdlrt",
                         ["--method", "tdlrt", "--target_params", str(round(f * lora_r8))], s) for f in BUDGET_FRACTIONS}
     return [*ada, Point("lora_r8", "lora", ["--method", "lora", "--lora_r", "8"], s), budgets[0.5],
@@ -70,36 +78,48 @@ def grid(seeds: list[int], lora_r8: int) -> list[Point]:
 
 
 def validation_score(folder: Path) -> float:
-    """The selection run's (the folder's first seed) validation accuracy; the chosen folder's later seeds are not
-    part of the choice, so a restarted sweep chooses the same."""
-    runs = load(str(folder))
-    return runs[0]["metrics"].get("validation_accuracy", runs[0]["metrics"]["accuracy"]) if runs else float("-inf")
+    """A selection run's validation accuracy (on a tuning dataset, its accuracy); refused when the only held-out
+    split is the reported one."""
+    (run, *_) = load(str(folder))
+    if run.get("dataset") == ROTTEN_TOMATOES_TUNING:  # scored on tuning movies: the split to choose on
+        return run["metrics"]["accuracy"]
+    if "validation_accuracy" not in run["metrics"]:
+        raise SystemExit(f"frontier: {folder.name} has no validation split to choose AdaLoRA's learning rate on "
+                         f"(its only held-out split is the reported one): pass a tuning dataset, e.g. "
+                         f"--selection_flags='--dataset {ROTTEN_TOMATOES_TUNING}'")
+    return run["metrics"]["validation_accuracy"]
 
 
-def chosen_adalora(out: Path) -> Path | None:
-    """The AdaLoRA selection folder with the best seed-0 validation accuracy, once every selection run is done."""
-    folders = [out / f"adalora_r4_lr{lr:g}" for lr in ADALORA_LRS]
-    if not all(load(str(f)) for f in folders):
+def chosen_adalora(out: Path) -> float | None:
+    """AdaLoRA's learning rate with the best selection-run validation accuracy (a tie: the smaller rate), once every
+    selection run is done."""
+    folders = {lr: out / f"adalora_r4_lr{lr:g}_select" for lr in ADALORA_LRS}
+    if not all(load(str(f)) for f in folders.values()):
         return None
-    return max(folders, key=validation_score)
+    return max(folders, key=lambda lr: (validation_score(folders[lr]), -lr))
 
 
-def sweep(out: Path, base: list[str], points: list[Point], seeds: list[int], jobs: int) -> list[str]:
-    """Run every (point, seed) without a JSON yet, ``jobs`` processes at a time; AdaLoRA's seeds follow its choice.
-    Returns the runs that failed (each with its log file)."""
+def sweep(out: Path, base: list[str], points: list[Point], seeds: list[int], jobs: int,
+          same_data: bool = True) -> list[str]:
+    """Run every (point, seed) without a JSON yet, ``jobs`` processes at a time; AdaLoRA's reported runs follow its
+    choice (``same_data``: the selection ran on the reported data, so its run is reused). Returns the failed runs."""
     pending = [(p, s) for p in points for s in p.seeds]
-    ada_seeds_queued = not any(p.method == "adalora" for p in points)
+    ada_queued = not any(p.method == "adalora" for p in points)
     running: list[tuple[subprocess.Popen, str]] = []
     failed = []
-    while pending or running or not ada_seeds_queued:
+    while pending or running or not ada_queued:
         failed += [f"{label} (see {label.replace(' ', '_seed')}.log)" for proc, label in running
                    if proc.poll() not in (None, 0)]
         running = [(proc, label) for proc, label in running if proc.poll() is None]
-        if not ada_seeds_queued and (best := chosen_adalora(out)) is not None:
-            point = next(p for p in points if p.name == best.name)
-            print(f"AdaLoRA learning rate chosen on validation: {best.name}", flush=True)
-            pending = [(point, s) for s in seeds[1:]] + pending  # ahead of the less important points
-            ada_seeds_queued = True
+        if not ada_queued and (lr := chosen_adalora(out)) is not None:
+            print(f"AdaLoRA learning rate chosen on validation: {lr:g}", flush=True)
+            point = Point("adalora_r4", "adalora", [*ADALORA, "--learning_rate", f"{lr:g}"], seeds)
+            if same_data:  # the selection run is this point's first seed: the same command
+                (out / point.name).mkdir(exist_ok=True)
+                for run in (out / f"adalora_r4_lr{lr:g}_select").glob("*.json"):
+                    shutil.copy2(run, out / point.name / run.name)
+            pending = [(point, s) for s in seeds] + pending  # ahead of the less important points
+            ada_queued = True
         while pending and len(running) < jobs:
             point, seed = pending.pop(0)
             folder = out / point.name
@@ -111,7 +131,7 @@ def sweep(out: Path, base: list[str], points: list[Point], seeds: list[int], job
             log = open(out / f"{point.name}_seed{seed}.log", "w")  # noqa: SIM115 (closed with the process)
             running.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), f"{point.name} {seed}"))
             print(f"started {point.name} seed {seed}", flush=True)
-        if not pending and not running and not ada_seeds_queued and chosen_adalora(out) is None:
+        if not pending and not running and not ada_queued and chosen_adalora(out) is None:
             break
         time.sleep(5)
     return failed
@@ -121,10 +141,8 @@ def report(out: Path) -> str:
     """``frontier.md`` (one row per point) and ``frontier.png`` (test accuracy against trainable parameters)."""
     meta = json.loads((out / "frontier.json").read_text())
     head, lora_r8 = meta["head_params"], meta["lora_r8_adapter_params"]
-    chosen = chosen_adalora(out)
-    variants = {f.name: runs for f in sorted(out.iterdir()) if f.is_dir() and (runs := load(str(f)))}
-    variants = {k: v for k, v in variants.items()
-                if not k.startswith("adalora") or chosen is None or k == chosen.name}
+    variants = {f.name: runs for f in sorted(out.iterdir())
+                if f.is_dir() and not f.name.endswith("_select") and (runs := load(str(f)))}
     lines = ["| Point | Method | Seeds | Test acc. (×100) | Validation acc. (×100) | Trainable | Adapter params "
              "| vs LoRA r=8 adapter | Mean rank | Rank changes after 10 % |", "|" + "---|" * 10]
     for name, runs in sorted(variants.items(), key=lambda kv: np.mean([r["trainable_params"] for r in kv[1]])):
@@ -139,9 +157,11 @@ def report(out: Path) -> str:
             f"{trainable / 1e3:.1f}K", f"{(trainable - head) / 1e3:.1f}K",
             f"{100 * (trainable - head) / lora_r8:.0f} %",
             f"{np.mean(ranks):.1f}" if ranks else "–", f"{np.mean(changes):.1f}" if changes else "–"]) + " |")
-    selection = [f"{f.name}: seed-0 validation {100 * validation_score(out / f.name):.2f}"
-                 for f in sorted(out.glob("adalora_r4_lr*")) if f.is_dir() and load(str(f))]
-    text = "\n".join(lines) + (f"\n\nAdaLoRA learning rate (chosen: {chosen.name if chosen else 'pending'}); "
+    selection = [f"{f.name.removesuffix('_select')}: {100 * validation_score(f):.2f}"
+                 for f in sorted(out.glob("adalora_r4_lr*_select")) if f.is_dir() and load(str(f))]
+    chosen = chosen_adalora(out)
+    text = "\n".join(lines) + (f"\n\nAdaLoRA learning rate (chosen: {f'{chosen:g}' if chosen else 'pending'}), "
+                               f"validation accuracy of the selection runs (`{' '.join(meta['selection'])}`): "
                                + "; ".join(selection) if selection else "")
     (out / "frontier.md").write_text(f"# Frontier\n\nRunner flags: `{' '.join(meta['base'])}`. Head: {head:,} "
                                      f"parameters (trained in full by every method). LoRA r=8 adapter: "
@@ -184,17 +204,20 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--points", default=None, help="Comma-separated point names (default: all).")
+    parser.add_argument("--selection_flags", default="", help=(
+        "Runner flags of the AdaLoRA learning-rate selection runs only, e.g. '--dataset rotten_tomatoes_tuning' "
+        "for a dataset whose only held-out split is the reported one."))
     parser.add_argument("--report-only", action="store_true")
     args = parser.parse_args(own)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if not args.report_only:
-        meta = {"base": base, **lora_shape(base)}
+        meta = {"base": base, "selection": args.selection_flags.split(), **lora_shape(base)}
         (out / "frontier.json").write_text(json.dumps(meta, indent=1))
-        points = grid(args.seeds, meta["lora_r8_adapter_params"])
+        points = grid(args.seeds, meta["lora_r8_adapter_params"], meta["selection"])
         if args.points:
             points = [p for p in points if p.name in args.points.split(",")]
-        failed = sweep(out, base, points, args.seeds, args.jobs)
+        failed = sweep(out, base, points, args.seeds, args.jobs, same_data=not meta["selection"])
     print(report(out))
     if not args.report_only and failed:
         print(f"frontier: {len(failed)} run(s) failed: {'; '.join(failed)}", file=sys.stderr)
