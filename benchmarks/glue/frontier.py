@@ -160,8 +160,9 @@ def report(out: Path) -> str:
     selection = [f"{f.name.removesuffix('_select')}: {100 * validation_score(f):.2f}"
                  for f in sorted(out.glob("adalora_r4_lr*_select")) if f.is_dir() and load(str(f))]
     chosen = chosen_adalora(out)
-    text = "\n".join(lines) + (f"\n\nAdaLoRA learning rate (chosen: {f'{chosen:g}' if chosen else 'pending'}), "
-                               f"validation accuracy of the selection runs (`{' '.join(meta['selection'])}`): "
+    where = f"with `{' '.join(meta['selection'])}`" if meta["selection"] else "the reported dataset's validation split"
+    text = "\n".join(lines) + (f"\n\nAdaLoRA learning rate (chosen: {f'{chosen:g}' if chosen else 'pending'}); "
+                               f"validation accuracy of the selection runs ({where}): "
                                + "; ".join(selection) if selection else "")
     (out / "frontier.md").write_text(f"# Frontier\n\nRunner flags: `{' '.join(meta['base'])}`. Head: {head:,} "
                                      f"parameters (trained in full by every method). LoRA r=8 adapter: "
@@ -178,14 +179,14 @@ def _plot(variants: dict[str, list[dict]], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
     styles = {"lora": ("C1", "s"), "adalora": ("C2", "^"), "tdlrt": ("C0", "o")}
-    for name, runs in variants.items():
+    for i, (name, runs) in enumerate(sorted(variants.items(), key=lambda kv: kv[1][0]["trainable_params"])):
         color, marker = styles.get(runs[0]["method"], ("C3", "x"))
         x = [r["trainable_params"] for r in runs]
         y = [100 * r["metrics"]["accuracy"] for r in runs]
         ax.errorbar(np.mean(x), np.mean(y), yerr=np.std(y, ddof=1) if len(y) > 1 else 0, fmt=marker, color=color,
                     capsize=3)
-        ax.annotate(name.replace("tdlrt_", "").replace("lora_", ""), (np.mean(x), np.mean(y)), fontsize=7,
-                    xytext=(4, 3), textcoords="offset points")
+        ax.annotate(name.removeprefix(runs[0]["method"] + "_"), (np.mean(x), np.mean(y)), fontsize=7,
+                    xytext=(4, 3 if i % 2 else -9), textcoords="offset points")  # alternate: neighbours overlap
     for method, (color, marker) in styles.items():
         ax.plot([], [], marker, color=color, label=method)
     ax.set_xscale("log")
