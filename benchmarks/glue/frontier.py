@@ -5,9 +5,9 @@ TDLRT at its defaults, a tau grid and parameter budgets; one runner process per 
         [--selection_flags FLAGS] [--report-only] -- <runner flags of every point, e.g. --preset offline-full>
 
 AdaLoRA's learning rate is chosen first, on the first seed's validation accuracy (issue #16: at LoRA's rate it
-stays at the majority class; a tie goes to the smaller rate), in ``adalora_r4_lr*_select/``. Where the reported dataset has no
-validation split, ``--selection_flags`` gives the selection runs a tuning dataset. ``adalora_r4/`` then holds every
-seed at the chosen rate. Budgets are fractions of LoRA r=8's adapter parameters, counted on the model.
+stays at the majority class; a tie goes to the smaller rate), in ``adalora_r4_lr*_select/``. Where the reported
+dataset has no validation split, ``--selection_flags`` gives the selection runs a tuning dataset. ``adalora_r4/``
+then holds every seed at the chosen rate. Budgets are fractions of LoRA r=8's adapter parameters, counted on the model.
 ``OUT/frontier.md`` and ``OUT/frontier.png`` cover every finished run, so a stopped sweep still reports what it
 measured; a restarted one runs only what is missing.
 """
