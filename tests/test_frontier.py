@@ -66,7 +66,7 @@ def test_sweep_chooses_adalora_on_validation_then_runs_its_seeds(model, tmp_path
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*seed*.json")} == stamps
 
 
-def test_choosing_on_the_reported_split_is_refused(model, tmp_path, capsys):
+def test_choosing_on_the_reported_split_is_refused(model, tmp_path):
     data = tmp_path / "SST-2"
     write_glue_task(data, "sst2")  # GLUE dev is its only held-out split
     with pytest.raises(SystemExit, match="no validation split.*--selection_flags='--dataset rotten_tomatoes_tuning'"):

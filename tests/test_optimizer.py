@@ -61,7 +61,7 @@ def assert_same_function(a, b):
 
 def hand_written_run(model, steps, lrs=None, truncation_interval=1, total_steps=None):
     integrator = TDLRTIntegrator(model, core_optimizer="adam", truncation_interval=truncation_interval)
-    integrator.total_steps = total_steps
+    integrator.set_run_length(total_steps)
     other = torch.optim.AdamW(integrator.other_trainable_parameters(), lr=LR, weight_decay=0.01)
     for t, batch in enumerate(batches(steps)):
         lr = LR if lrs is None else lrs[t]

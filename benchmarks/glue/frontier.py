@@ -143,9 +143,9 @@ def report(out: Path) -> str:
     head, lora_r8 = meta["head_params"], meta["lora_r8_adapter_params"]
     variants = {f.name: runs for f in sorted(out.iterdir())
                 if f.is_dir() and not f.name.endswith("_select") and (runs := load(str(f)))}
-    lines = ["| Point | Method | Seeds | Accuracy, reported split (×100) | Validation acc. (×100) | Trainable "
-             "| Adapter params | vs LoRA r=8 adapter | Mean rank | Rank changes after 10 % | Reported, per seed |",
-             "|" + "---|" * 11]
+    head_row = ("| Point | Method | Seeds | Accuracy, reported split (×100) | Validation acc. (×100) | Trainable "
+                "| Adapter params | vs LoRA r=8 adapter | Mean rank | Rank changes after 10 % | Reported, per seed |")
+    lines = [head_row, "|" + "---|" * (head_row.count("|") - 1)]
     for name, runs in sorted(variants.items(), key=lambda kv: np.mean([r["trainable_params"] for r in kv[1]])):
         trainable = float(np.mean([r["trainable_params"] for r in runs]))
         ranks = [np.mean([max(v) for v in r["ranks"].values()]) for r in runs if r.get("ranks")]
@@ -214,6 +214,7 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(own)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    failed = []
     if not args.report_only:
         meta = {"base": base, "selection": args.selection_flags.split(), **lora_shape(base)}
         (out / "frontier.json").write_text(json.dumps(meta, indent=1))
@@ -222,7 +223,7 @@ def main(argv: list[str]) -> int:
             points = [p for p in points if p.name in args.points.split(",")]
         failed = sweep(out, base, points, args.seeds, args.jobs, same_data=not meta["selection"])
     print(report(out))
-    if not args.report_only and failed:
+    if failed:
         print(f"frontier: {len(failed)} run(s) failed: {'; '.join(failed)}", file=sys.stderr)
         return 1
     return 0

@@ -15,7 +15,6 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..layers import rank_mirror
 from ..layers.inventory import adapter_ranks, iter_storages, rank_statistics
-from ..math.geometry import freeze_step
 from .checkpoint import mark_complete
 from .integrator import TDLRTIntegrator
 
@@ -57,9 +56,8 @@ class TDLRTCallback(TrainerCallback):
             lr_factor=getattr(config, "core_lr_factor", 1.0) * self.lr_factor, cuda_graph=self.cuda_graph,
             grouping=self.grouping, truncation_interval=getattr(config, "truncation_interval", 1))
         max_steps = getattr(state, "max_steps", 0) or 0
-        self.integrator.total_steps = max_steps if max_steps > 0 else None
-        if max_steps > 0:
-            self.integrator.freeze_step = freeze_step(getattr(config, "rank_freeze_fraction", None), max_steps)
+        self.integrator.set_run_length(max_steps if max_steps > 0 else None,
+                                       getattr(config, "rank_freeze_fraction", None))
         _move_to_front(self)
 
     def on_step_begin(self, args, state, control, **kwargs):

@@ -32,7 +32,7 @@ from ..layers.groups import GROUPINGS, bounds_of, gather, partition, write
 from ..layers.inventory import iter_storages
 from ..layers.storage import LowRankStorage
 from ..math import engine
-from ..math.geometry import frozen, truncates
+from ..math.geometry import freeze_step, frozen, truncates
 from ..math.threads import single_threaded_linalg
 
 CORE_OPTIMIZERS = ("adam", "sgd")
@@ -59,7 +59,8 @@ class TDLRTIntegrator:
             (``geometry.truncates``); the steps in between keep every augmented direction up to ``r_max``. 1: every
             step (the default).
 
-    Rank schedule (host counters, set by ``TDLRTCallback`` from the Trainer's state; a plain loop may set them):
+    Rank schedule (host counters; :meth:`set_run_length` sets the last two, as ``TDLRTCallback`` does from the
+    Trainer's state and ``TDLRTOptimizer`` from its ``total_steps``):
     ``step_index`` (0-based optimizer step, advanced by :meth:`step`), ``total_steps`` (None: unknown, no forced
     last truncation) and ``freeze_step`` (ranks stay as decided by the last truncation step at or before it,
     ``geometry.frozen``; None: never).
@@ -183,6 +184,12 @@ class TDLRTIntegrator:
         finally:
             self.step_index += 1
             self.zero_grad(every_storage)
+
+    def set_run_length(self, total_steps: int | None, rank_freeze_fraction: float | None = None) -> None:
+        """The run's optimizer steps: its last step truncates, and ``rank_freeze_fraction`` f freezes the ranks from
+        step ``ceil(f total_steps)``. None: unknown (no forced last truncation, no freeze)."""
+        self.total_steps = total_steps
+        self.freeze_step = None if total_steps is None else freeze_step(rank_freeze_fraction, total_steps)
 
     def plain_step(self) -> bool:
         """Whether this step truncates by tau with free ranks (the only kind a CUDA graph captures)."""

@@ -30,7 +30,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..math.geometry import freeze_step
 from .integrator import TDLRTIntegrator
 
 CONSUMED_MESSAGE = (
@@ -218,8 +217,7 @@ def _plan_run(integrator: TDLRTIntegrator, config, total_steps: int | None) -> N
                           "truncations, with every augmented direction kept. Pass total_steps=<optimizer steps> so "
                           "the last step truncates.", stacklevel=3)
         return
-    integrator.total_steps = total_steps
-    integrator.freeze_step = freeze_step(fraction, total_steps)
+    integrator.set_run_length(total_steps, fraction)
 
 
 def _integrator_for(config, model: nn.Module, core_optimizer, betas, eps, weight_decay, lr_factor
