@@ -11,7 +11,7 @@ LATE_FRACTIONS = (10, 25)  # percent of the run's optimizer steps
 
 class RankRecorder:
     """Call :meth:`observe` after every optimizer step with the ranks (module -> ranks per mode) after it; keeps the
-    changes ``[step, module, old, new]`` and a history entry every ``every`` steps (and at the end)."""
+    changes ``[step, module, old, new]`` and a history entry every ``every`` steps, at every change and at the end."""
 
     def __init__(self, ranks: dict, active_params: int, every: int = 1):
         self.every, self.changes = every, []
@@ -20,9 +20,11 @@ class RankRecorder:
 
     def observe(self, step: int, ranks: dict, active_params: int, record: bool = False) -> None:
         ranks = _plain(ranks)
-        self.changes += [[step, m, self._last.get(m), r] for m, r in ranks.items() if self._last.get(m) != r]
+        changed = [[step, m, self._last.get(m), r] for m, r in ranks.items() if self._last.get(m) != r]
+        self.changes += changed
         self._last = ranks
-        if (record or step % self.every == 0) and self.history[-1]["step"] != step:
+        # a change is always recorded: a run observed only on some steps (truncation steps) keeps its plot exact
+        if (record or changed or step % self.every == 0) and self.history[-1]["step"] != step:
             self.history.append({"step": step, "active_params": int(active_params), "ranks": ranks})
 
     def summary(self, total_steps: int) -> dict:
@@ -58,13 +60,15 @@ def plot_rank_history(history: list[dict], title: str, path) -> Path:
     # (modules, records): the largest mode rank of each module (modes agree for matrix adapters)
     grid = np.array([[max(h["ranks"].get(m, [0])) for h in history] for m in modules], dtype=float)
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 3 + 0.12 * len(modules)), sharex=True,
-                                      gridspec_kw={"height_ratios": [4, 1]})
-    edges = np.array(steps + [steps[-1] + max(1, steps[-1] - steps[-2]) if len(steps) > 1 else 1], float)
+                                      gridspec_kw={"height_ratios": [4, 1]}, layout="constrained")
+    # record k's ranks hold from its step to the next record's (records may be sparse: changes only); the last
+    # record gets one step, so the axis ends with the run
+    edges = np.array(steps + [steps[-1] + 1], float)
     mesh = top.pcolormesh(edges, np.arange(len(modules) + 1), grid, cmap="viridis", shading="flat")
     top.set_yticks(np.arange(len(modules)) + 0.5, [short_name(m) for m in modules], fontsize=5)
     top.invert_yaxis()
     top.set_title(title)
-    fig.colorbar(mesh, ax=top, label="rank")
+    fig.colorbar(mesh, ax=[top, bottom], label="rank")   # both axes keep one width: their steps line up
     if all(h.get("active_params") is not None for h in history):
         bottom.plot(steps, [h["active_params"] for h in history])
         bottom.set_ylabel("active params")
@@ -72,7 +76,6 @@ def plot_rank_history(history: list[dict], title: str, path) -> Path:
         bottom.plot(steps, grid.mean(0))
         bottom.set_ylabel("mean rank")
     bottom.set_xlabel("optimizer step")
-    fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return Path(path)

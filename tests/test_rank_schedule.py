@@ -160,7 +160,7 @@ def test_rank_recorder_counts_late_changes(tmp_path):
     summary = recorder.summary(total_steps=20)
     assert summary["rank_changes"] == [[1, "a", [2, 2], [3, 3]], [3, "b", [3, 3], [4, 4]]]
     assert summary["rank_changes_after_10pct"] == 1 and summary["rank_changes_after_25pct"] == 0
-    assert [h["step"] for h in summary["rank_history"]] == [0, 5, 10, 15, 20]
+    assert [h["step"] for h in summary["rank_history"]] == [0, 1, 3, 5, 10, 15, 20]
     assert plot_rank_history(summary["rank_history"], "t", tmp_path / "r.png").stat().st_size > 0
 
 

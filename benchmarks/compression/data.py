@@ -44,13 +44,17 @@ def _read_idx(path: Path, offset: int) -> np.ndarray:
         return np.frombuffer(f.read(), dtype=np.uint8, offset=offset)
 
 
-def load_split(folder: Path, split: str, limit: int | None = None, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Normalised images (N, 1, 28, 28) float32 and labels (N,) int64; ``limit`` takes a fixed random subset."""
+def load_split(folder: Path, split: str, limit: int | None = None, seed: int = 0, offset: int = 0
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalised images (N, 1, 28, 28) float32 and labels (N,) int64; ``limit`` takes a fixed random subset:
+    positions ``offset .. offset + limit`` of one seeded permutation, so subsets with different offsets (a
+    training set and a validation set) are disjoint."""
     images_file, labels_file = FILES[split]
     images = _read_idx(folder / images_file, 16).reshape(-1, 1, 28, 28)   # IDX3 header: 16 bytes
     labels = _read_idx(folder / labels_file, 8)                           # IDX1 header: 8 bytes
-    if limit is not None and limit < len(labels):
-        index = np.random.default_rng(seed).permutation(len(labels))[:limit]
+    if offset or (limit is not None and limit < len(labels)):
+        end = None if limit is None else offset + limit
+        index = np.random.default_rng(seed).permutation(len(labels))[offset:end]
         images, labels = images[index], labels[index]
     x = (torch.from_numpy(images.astype(np.float32)) / 255.0 - MEAN) / STD
     return x, torch.from_numpy(labels.astype(np.int64))

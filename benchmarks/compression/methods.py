@@ -19,16 +19,21 @@ LABELS = {"dense": "dense", "tdlrt": "TDLRT Tucker", "tucker-gd": "Tucker fixed-
 
 @dataclass(frozen=True)
 class Method:
-    """``tucker-gd`` trains the final ranks of the TDLRT run with the same ``tau`` (and seed) at fixed rank."""
+    """``tucker-gd`` trains the final ranks of the TDLRT run with the same ``tau`` (and seed) at fixed rank.
+    ``freeze``: a TDLRT run whose ranks are frozen after this fraction of the steps (``rank_freeze_fraction``,
+    the ablation of ranks that keep adapting); None: free ranks."""
 
     kind: Kind
     tau: float | None = None
+    freeze: float | None = None
 
     @property
     def label(self) -> str:
         if self.kind == "dense":
             return LABELS["dense"]
         suffix = f"ranks of tau={self.tau:g}" if self.kind == "tucker-gd" else f"tau={self.tau:g}"
+        if self.freeze is not None:
+            suffix += f", ranks frozen at {100 * self.freeze:g} %"
         return f"{LABELS[self.kind]} ({suffix})"
 
 
@@ -46,6 +51,7 @@ class LowRankSettings:
     lr: float = 3e-3      # one learning rate for every method (Adam; the TDLRT core uses the same Adam rule)
     core_lr_factor: float = 1.0   # the TDLRT / DLRT step uses lr * core_lr_factor
     core_optimizer: str = "adam"  # of the TDLRT / DLRT core: "adam" or "sgd"
+    truncation_interval: int = 1  # the TDLRT / DLRT tau rule every P steps (and at the last); in between: no cut
 
 
 def build(method: Method, network: str, seed: int, settings: LowRankSettings,
@@ -66,14 +72,17 @@ def build(method: Method, network: str, seed: int, settings: LowRankSettings,
         layout = "tucker" if method.kind == "tdlrt" else "matrix"
         factorize(model, target_modules=targets, r=settings.r_init, r_max=settings.r_max, tau=method.tau,
                   layout=layout)
-        integrator = TDLRTIntegrator(model, core_optimizer=settings.core_optimizer, lr_factor=settings.core_lr_factor)
+        integrator = TDLRTIntegrator(model, core_optimizer=settings.core_optimizer, lr_factor=settings.core_lr_factor,
+                                     truncation_interval=settings.truncation_interval)
         parameters = integrator.other_trainable_parameters()
     return Built(model, torch.optim.Adam(parameters, lr=settings.lr), integrator)
 
 
 def conv_ranks(model: nn.Module) -> dict[str, list[int]]:
-    """Channel ranks of every factorized convolution (module name -> [r_out, r_in], or [r] for a matrix)."""
-    return {name: m.ranks[:2] if not m.matrix else m.ranks[:1]
+    """Channel ranks of every factorized convolution (module name -> [r_out, r_in], or [r] for a matrix), read
+    from the rank buffers: right after a step a layer's ``ranks`` are only its slicing widths, a bound (up to 2r)
+    until its next forward."""
+    return {name: m.storage().host_ranks()[:1 if m.matrix else 2]
             for name, m in model.named_modules() if isinstance(m, FactorizedLayer)}
 
 

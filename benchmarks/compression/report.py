@@ -18,43 +18,59 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
 
 
+def _pm(values: list[float], digits: int = 2, sign: str = "") -> str:
+    """``mean ± std`` of ``values`` ("-" when empty); ``sign="+"`` prints the sign of the mean."""
+    if not values:
+        return "-"
+    mean, std = _mean_std(values)
+    return f"{mean:{sign}.{digits}f} ± {std:.{digits}f}"
+
+
 def _ranks_text(ranks: dict) -> str:
     return ", ".join("x".join(str(r) for r in rs) for rs in ranks.values()) or "-"
 
 
 def summarize(results: list[dict]) -> list[dict]:
-    """One row per (network, method, tau): means over seeds."""
+    """One row per (network, method, tau, freeze): means over seeds."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in results:
-        groups[(r["network"], r["method"], r["tau"])].append(r)
+        groups[(r["network"], r["method"], r["tau"], r.get("freeze"))].append(r)
     rows = []
-    for (network, kind, tau), runs in groups.items():
+    for (network, kind, tau, freeze), runs in groups.items():
         runs = sorted(runs, key=lambda r: r["seed"])
         acc, acc_std = _mean_std([100 * r["accuracy"] for r in runs])
+        validation = [100 * r["validation_accuracy"] for r in runs if "validation_accuracy" in r]
+        late = [r.get("rank_changes_after_25pct", 0) for r in runs]
         time, time_std = _mean_std([r["wall_time_s"] for r in runs])
         cpu = [r["cpu_time_s"] for r in runs if "cpu_time_s" in r]
-        rows.append({"network": network, "method": kind, "tau": tau, "label": runs[0]["label"], "seeds": len(runs),
+        rows.append({"network": network, "method": kind, "tau": tau, "freeze": freeze, "label": runs[0]["label"],
+                     "seeds": len(runs), "validation": _pm(validation), "late_changes": _pm(late, 1),
                      "conv_params": float(np.mean([r["conv_params"] for r in runs])),
                      "compression": float(np.mean([r["compression"] for r in runs])),
                      "accuracy": acc, "accuracy_std": acc_std, "time": time, "time_std": time_std,
                      "cpu_time": float(np.mean(cpu)) if cpu else float("nan"),
                      "ranks": _ranks_text(runs[0]["ranks"]), "accuracies": [r["accuracy"] for r in runs]})
-    return sorted(rows, key=lambda r: (r["network"], ORDER[r["method"]], r["tau"] or 0.0))
+    return sorted(rows, key=lambda r: (r["network"], ORDER[r["method"]], r["tau"] or 0.0, r["freeze"] or 0.0))
 
 
 def markdown_table(rows: list[dict]) -> str:
-    lines = ["| network | method | conv params | compression | test acc. (%) | wall time (s) | CPU time (s) | "
-             "ranks (seed 0) |", "|---|---|---:|---:|---:|---:|---:|---|"]
+    validation = any(r["validation"] != "-" for r in rows)
+    header = ["network", "method", "conv params", "compression", *(["validation acc. (%)"] if validation else []),
+              "test acc. (%)", "rank changes after 25 %", "wall time (s)", "CPU time (s)", "ranks (seed 0)"]
+    lines = ["| " + " | ".join(header) + " |", "|---|---|" + "---:|" * (len(header) - 3) + "---|"]
     for r in rows:
-        lines.append(f"| {r['network']} | {r['label']} | {r['conv_params']:.0f} | {100 * r['compression']:.1f} % | "
-                     f"{r['accuracy']:.2f} ± {r['accuracy_std']:.2f} | {r['time']:.0f} ± {r['time_std']:.0f} | "
-                     f"{r['cpu_time']:.0f} | {r['ranks']} |")
+        cells = [r["network"], r["label"], f"{r['conv_params']:.0f}", f"{100 * r['compression']:.1f} %"]
+        if validation:
+            cells.append(r["validation"])
+        cells += [f"{r['accuracy']:.2f} ± {r['accuracy_std']:.2f}", r["late_changes"],
+                  f"{r['time']:.0f} ± {r['time_std']:.0f}", f"{r['cpu_time']:.0f}", r["ranks"]]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def paired_table(results: list[dict]) -> str:
     """TDLRT minus fixed-rank GD at the same ranks (same seed): accuracy difference in points."""
-    by_key = {(r["network"], r["method"], r["tau"], r["seed"]): r for r in results}
+    by_key = {(r["network"], r["method"], r["tau"], r["seed"]): r for r in results if r.get("freeze") is None}
     lines = ["| network | tau | compression | TDLRT − fixed-rank GD (points, mean ± std over seeds) |",
              "|---|---:|---:|---:|"]
     pairs: dict[tuple, list[float]] = defaultdict(list)
@@ -71,6 +87,29 @@ def paired_table(results: list[dict]) -> str:
     return "\n".join(lines) if pairs else ""
 
 
+def freeze_table(results: list[dict]) -> str:
+    """Free ranks minus ranks frozen at a fraction f (same network, tau, seed): accuracy difference in points, on
+    validation (when scored) and test, with the parameters of each."""
+    free = {(r["network"], r["tau"], r["seed"]): r for r in results
+            if r["method"] == "tdlrt" and r.get("freeze") is None}
+    pairs: dict[tuple, list[tuple[dict, dict]]] = defaultdict(list)
+    for r in results:
+        other = free.get((r["network"], r["tau"], r["seed"]))
+        if r["method"] == "tdlrt" and r.get("freeze") is not None and other is not None:
+            pairs[(r["network"], r["tau"], r["freeze"])].append((other, r))
+    lines = ["| network | tau | frozen at | seeds | free − frozen, validation (points) | free − frozen, test "
+             "(points) | conv params free / frozen | per seed (test) |", "|---|---:|---:|---:|---:|---:|---:|---|"]
+    for (network, tau, freeze), runs in sorted(pairs.items()):
+        runs.sort(key=lambda pair: pair[0]["seed"])
+        test = [100 * (a["accuracy"] - b["accuracy"]) for a, b in runs]
+        val = [100 * (a["validation_accuracy"] - b["validation_accuracy"]) for a, b in runs
+               if "validation_accuracy" in a and "validation_accuracy" in b]
+        params = " / ".join(f"{np.mean([pair[i]['conv_params'] for pair in runs]):.0f}" for i in (0, 1))
+        lines.append(f"| {network} | {tau:g} | {100 * freeze:g} % | {len(runs)} | {_pm(val, sign='+')} | "
+                     f"{_pm(test, sign='+')} | {params} | {' / '.join(f'{d:+.2f}' for d in test)} |")
+    return "\n".join(lines) if pairs else ""
+
+
 def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -81,7 +120,7 @@ def plot(rows: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, len(networks), figsize=(6 * len(networks), 4.2), squeeze=False)
     for ax, network in zip(axes[0], networks):
         for kind, marker in [("tdlrt", "o"), ("tucker-gd", "s"), ("matrix", "^")]:
-            points = [r for r in rows if r["network"] == network and r["method"] == kind]
+            points = [r for r in rows if r["network"] == network and r["method"] == kind and r["freeze"] is None]
             if points:
                 ax.errorbar([100 * p["compression"] for p in points], [p["accuracy"] for p in points],
                             yerr=[p["accuracy_std"] for p in points], marker=marker, linestyle="-", capsize=3,
@@ -102,7 +141,8 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def write_report(results: list[dict], output_dir: Path, header: str) -> str:
     rows = summarize(results)
-    text = "\n\n".join(part for part in [header, markdown_table(rows), paired_table(results)] if part)
+    tables = [markdown_table(rows), paired_table(results), freeze_table(results)]
+    text = "\n\n".join(part for part in [header, *tables] if part)
     (output_dir / "results.md").write_text(text + "\n")
     plot(rows, output_dir / "accuracy_vs_compression.png")
     for r in results:                                  # the rank-per-layer plot of each rank-adaptive run

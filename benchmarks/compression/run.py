@@ -26,30 +26,35 @@ def run_file(output_dir: Path, spec: RunSpec) -> Path:
     return output_dir / "runs" / f"{spec.network}_{slug}_seed{spec.seed}.json"
 
 
-def _init_worker(data_dir: str | None, train_size: int, test_size: int, threads: int) -> None:
+def _init_worker(data_dir: str | None, train_size: int, test_size: int, validation_size: int, threads: int) -> None:
     torch.set_num_threads(threads)
     folder = find_data_dir(data_dir)
     _DATA["train"] = load_split(folder, "train", train_size, seed=0)
+    # training images the training subset does not hold (the same permutation, after it)
+    _DATA["validation"] = load_split(folder, "train", validation_size, seed=0, offset=train_size) \
+        if validation_size else None
     _DATA["test"] = load_split(folder, "test", test_size, seed=0)
 
 
 def _work(spec: RunSpec, show_progress: bool) -> dict:
-    return train_run(spec, _DATA["train"], _DATA["test"], progress=show_progress)
+    return train_run(spec, _DATA["train"], _DATA["test"], progress=show_progress, validation=_DATA["validation"])
 
 
-def _cached(path: Path, spec: RunSpec, train_size: int, test_size: int) -> dict | None:
+def _cached(path: Path, spec: RunSpec, train_size: int, test_size: int, validation_size: int) -> dict | None:
     """The stored result of this run, if it was made with the same settings."""
     if not path.exists():
         return None
     result = json.loads(path.read_text())
-    same = (result.get("epochs"), result.get("train_size"), result.get("test_size"), result.get("settings"),
-            result.get("batch_size")) == (spec.epochs, train_size, test_size, asdict(spec.settings), spec.batch_size)
-    return result if same else None
+    keys = ("epochs", "train_size", "test_size", "settings", "batch_size", "class_shift", "validation_size")
+    wanted = (spec.epochs, train_size, test_size, asdict(spec.settings), spec.batch_size, spec.class_shift,
+              validation_size or None)
+    return result if tuple(result.get(k, 0.0 if k == "class_shift" else None) for k in keys) == wanted else None
 
 
 def run_all(specs: list[RunSpec], output_dir: Path, *, data_dir: str | None, train_size: int, test_size: int,
-            workers: int, threads: int) -> list[dict]:
-    """Run every spec (``tucker-gd`` specs get the ranks of the TDLRT run with the same network, tau, seed)."""
+            workers: int, threads: int, validation_size: int = 0) -> list[dict]:
+    """Run every spec (``tucker-gd`` specs get the ranks of the free-rank TDLRT run with the same network, tau,
+    seed)."""
     (output_dir / "runs").mkdir(parents=True, exist_ok=True)
     find_data_dir(data_dir)   # fail early, in the main process, with the install hint
     results: list[dict] = []
@@ -57,11 +62,11 @@ def run_all(specs: list[RunSpec], output_dir: Path, *, data_dir: str | None, tra
     ready = [s for s in specs if s.method.kind != "tucker-gd"]
     bar = tqdm(total=len(specs), desc="runs", dynamic_ncols=True)
     with ProcessPoolExecutor(workers, initializer=_init_worker,
-                             initargs=(data_dir, train_size, test_size, threads)) as pool:
+                             initargs=(data_dir, train_size, test_size, validation_size, threads)) as pool:
         running: dict[Future, RunSpec] = {}
 
         def submit(spec: RunSpec) -> None:
-            cached = _cached(run_file(output_dir, spec), spec, train_size, test_size)
+            cached = _cached(run_file(output_dir, spec), spec, train_size, test_size, validation_size)
             if cached is not None:
                 finish(spec, cached, cached=True)
             else:
@@ -74,7 +79,7 @@ def run_all(specs: list[RunSpec], output_dir: Path, *, data_dir: str | None, tra
             bar.update()
             bar.set_postfix_str(f"last: {spec.network} {spec.method.label} acc {result['accuracy']:.4f} "
                                 f"cr {result['compression']:.3f}")
-            if spec.method.kind == "tdlrt":
+            if spec.method.kind == "tdlrt" and spec.method.freeze is None:
                 for gd in [s for s in waiting if (s.network, s.seed, s.method.tau) ==
                            (spec.network, spec.seed, spec.method.tau)]:
                     waiting.remove(gd)
@@ -94,11 +99,14 @@ def run_all(specs: list[RunSpec], output_dir: Path, *, data_dir: str | None, tra
 
 
 def make_specs(networks: list[str], methods: list[str], taus: list[float], seeds: list[int], epochs: int,
-               batch_size: int, settings) -> list[RunSpec]:
+               batch_size: int, settings, freezes: list[float] = (), class_shift: float = 0.0) -> list[RunSpec]:
+    """Every (network, seed, method, tau); ``freezes``: TDLRT runs with ranks frozen at these fractions too."""
     specs = []
     for network in networks:
         for seed in seeds:
             for kind in methods:
                 for tau in ([None] if kind == "dense" else taus):
-                    specs.append(RunSpec(Method(kind, tau), network, seed, epochs, batch_size, settings))
+                    for freeze in [None, *freezes] if kind == "tdlrt" else [None]:
+                        specs.append(RunSpec(Method(kind, tau, freeze), network, seed, epochs, batch_size, settings,
+                                             class_shift=class_shift))
     return specs
