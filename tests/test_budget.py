@@ -320,6 +320,31 @@ def test_factorize_to_a_budget_keeps_the_largest_singular_values_of_the_network(
         assert active(net) <= target
 
 
+def test_factorize_random_init_to_a_budget_starts_every_layer_at_one_common_rank():
+    """A random Tucker tensor says nothing about where parameters matter: the budget caps every layer at one
+    common rank, whatever the layers' initial scales (truncating by singular values gave the whole budget to the
+    larger-scaled layers, the others r_min), and the random cores survive the cap (they are leading slices)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(4, 8, 3), nn.ReLU(), nn.Conv2d(8, 16, 3), nn.ReLU(), nn.Conv2d(16, 16, 3)).to(F64)
+    with torch.no_grad():
+        for scale, m in zip((1.0, 30.0, 0.03), (net[0], net[2], net[4])):
+            m.weight.mul_(scale)
+    shapes = [(8, 4 * 9), (16, 8 * 9), (16, 16 * 9)]        # (out, in) of each convolution, k = 3x3
+
+    def total(cap):                                         # sum n_i r_i + r_out r_in k^2 at rank min(cap, n)
+        return sum(parameter_count([o, i // 9, 3, 3], [True, True, False, False], [min(cap, o), min(cap, i // 9),
+                                                                                    3, 3]) for o, i in shapes)
+
+    target = total(3) + 1                                   # 3 fits, 4 does not
+    assert total(4) > target
+    factorize(net, r=8, r_max=16, target_params=target)
+    assert set(adapter_ranks(net).values()) == {(3, 3)}
+    assert active(net) == total(3) <= target
+    assert all(s.core.detach().norm() > 0 for s in iter_storages(net))
+    x = torch.randn(2, 4, 9, 9, dtype=F64)
+    assert net(x).abs().max() > 0
+
+
 def test_factorize_refuses_an_unreachable_budget_before_replacing_modules():
     net = low_rank_net()
     with pytest.raises(ValueError, match=r"factorize\(target_params\)=10 cannot be met"):

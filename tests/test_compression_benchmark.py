@@ -78,3 +78,18 @@ def test_frozen_ranks_stop_moving_and_pair_with_the_free_run(tmp_path):
     table = (tmp_path / "results.md").read_text()
     assert "validation acc. (%)" in table and "| lenet5 | 0.3 | 25 % | 1 |" in table
     assert "classes 0-4 only for the first 50 % of the steps" in table
+
+
+def test_budget_runs_stay_within_their_budget_and_an_unreachable_one_fails_fast(tmp_path, capsys):
+    fashion_mnist()
+    from benchmarks.compression.__main__ import main
+
+    common = ["--networks", "lenet5", "--methods", "tdlrt", "--taus", "0.3", "--seeds", "1", "--epochs", "1",
+              "--train-size", "512", "--test-size", "200", "--workers", "1", "--output-dir", str(tmp_path)]
+    assert main(common + ["--target-params", "10"]) == 2
+    assert "cannot be met" in capsys.readouterr().err and not (tmp_path / "runs").exists()
+    assert main(common + ["--target-params", "1500"]) == 0
+    run = json.loads((tmp_path / "runs" / "lenet5_tdlrt-tucker-budget-1500_seed0.json").read_text())
+    dense_first_conv = 1 * 20 * 5 * 5                      # not factorized, not in the budget
+    assert run["target_params"] == 1500 and run["conv_params"] - dense_first_conv <= 1500
+    assert "TDLRT Tucker (budget 1500)" in (tmp_path / "results.md").read_text()

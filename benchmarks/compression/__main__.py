@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from . import BenchmarkError
-from .methods import LowRankSettings
+from .methods import LowRankSettings, build
 from .models import NETWORKS
 from .report import write_report
 from .run import make_specs, run_all
@@ -40,6 +40,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rank-freeze-fractions", nargs="*", type=float, default=[],
                    help="also run each TDLRT tau with its ranks frozen after these fractions of the steps (the "
                         "ablation of ranks that keep adapting: free against frozen, same seed)")
+    p.add_argument("--target-params", nargs="*", type=int, default=[],
+                   help="also run TDLRT in budget mode at these numbers of factorized convolution parameters "
+                        "(factorize(target_params=N); the first, dense convolution is not in the budget)")
     p.add_argument("--class-shift", type=float, default=0.0,
                    help="a data shift: the first fraction of the steps trains on classes 0-4 only, the rest on all")
     p.add_argument("--validation-size", type=int, default=0,
@@ -70,7 +73,14 @@ def main(argv: list[str] | None = None) -> int:
                                core_lr_factor=args.core_lr_factor, core_optimizer=args.core_optimizer,
                                truncation_interval=args.truncation_interval)
     specs = make_specs(args.networks, args.methods, args.taus, list(range(args.seeds)), args.epochs,
-                       args.batch_size, settings, args.rank_freeze_fractions, args.class_shift)
+                       args.batch_size, settings, args.rank_freeze_fractions, args.class_shift, args.target_params)
+    for spec in specs:                 # an unreachable budget fails here, in seconds, with the feasible range
+        if spec.method.budget is not None and spec.seed == 0:
+            try:
+                build(spec.method, spec.network, 0, settings)
+            except ValueError as err:
+                print(f"benchmarks.compression: error: --target-params for {spec.network}: {err}", file=sys.stderr)
+                return 2
     start = time.perf_counter()
     try:
         results = run_all(specs, args.output_dir, data_dir=args.data_dir, train_size=args.train_size,

@@ -21,16 +21,20 @@ LABELS = {"dense": "dense", "tdlrt": "TDLRT Tucker", "tucker-gd": "Tucker fixed-
 class Method:
     """``tucker-gd`` trains the final ranks of the TDLRT run with the same ``tau`` (and seed) at fixed rank.
     ``freeze``: a TDLRT run whose ranks are frozen after this fraction of the steps (``rank_freeze_fraction``,
-    the ablation of ranks that keep adapting); None: free ranks."""
+    the ablation of ranks that keep adapting); None: free ranks. ``budget``: a TDLRT run in budget mode,
+    ``factorize(target_params=budget)`` instead of ``tau``."""
 
     kind: Kind
     tau: float | None = None
     freeze: float | None = None
+    budget: int | None = None
 
     @property
     def label(self) -> str:
         if self.kind == "dense":
             return LABELS["dense"]
+        if self.budget is not None:
+            return f"{LABELS[self.kind]} (budget {self.budget})"
         suffix = f"ranks of tau={self.tau:g}" if self.kind == "tucker-gd" else f"tau={self.tau:g}"
         if self.freeze is not None:
             suffix += f", ranks frozen at {100 * self.freeze:g} %"
@@ -70,8 +74,9 @@ def build(method: Method, network: str, seed: int, settings: LowRankSettings,
         parameters = list(model.parameters())
     else:
         layout = "tucker" if method.kind == "tdlrt" else "matrix"
-        factorize(model, target_modules=targets, r=settings.r_init, r_max=settings.r_max, tau=method.tau,
-                  layout=layout)
+        # budget mode: the budget replaces the tau rule of every layer (tau unused)
+        factorize(model, target_modules=targets, r=settings.r_init, r_max=settings.r_max,
+                  tau=0.0 if method.tau is None else method.tau, layout=layout, target_params=method.budget)
         integrator = TDLRTIntegrator(model, core_optimizer=settings.core_optimizer, lr_factor=settings.core_lr_factor,
                                      truncation_interval=settings.truncation_interval)
         parameters = integrator.other_trainable_parameters()

@@ -31,26 +31,28 @@ def _ranks_text(ranks: dict) -> str:
 
 
 def summarize(results: list[dict]) -> list[dict]:
-    """One row per (network, method, tau, freeze): means over seeds."""
+    """One row per (network, method, tau, freeze, budget): means over seeds."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in results:
-        groups[(r["network"], r["method"], r["tau"], r.get("freeze"))].append(r)
+        groups[(r["network"], r["method"], r["tau"], r.get("freeze"), r.get("target_params"))].append(r)
     rows = []
-    for (network, kind, tau, freeze), runs in groups.items():
+    for (network, kind, tau, freeze, budget), runs in groups.items():
         runs = sorted(runs, key=lambda r: r["seed"])
         acc, acc_std = _mean_std([100 * r["accuracy"] for r in runs])
         validation = [100 * r["validation_accuracy"] for r in runs if "validation_accuracy" in r]
         late = [r.get("rank_changes_after_25pct", 0) for r in runs]
         time, time_std = _mean_std([r["wall_time_s"] for r in runs])
         cpu = [r["cpu_time_s"] for r in runs if "cpu_time_s" in r]
-        rows.append({"network": network, "method": kind, "tau": tau, "freeze": freeze, "label": runs[0]["label"],
+        rows.append({"network": network, "method": kind, "tau": tau, "freeze": freeze, "budget": budget,
+                     "label": runs[0]["label"],
                      "seeds": len(runs), "validation": _pm(validation), "late_changes": _pm(late, 1),
                      "conv_params": float(np.mean([r["conv_params"] for r in runs])),
                      "compression": float(np.mean([r["compression"] for r in runs])),
                      "accuracy": acc, "accuracy_std": acc_std, "time": time, "time_std": time_std,
                      "cpu_time": float(np.mean(cpu)) if cpu else float("nan"),
                      "ranks": _ranks_text(runs[0]["ranks"]), "accuracies": [r["accuracy"] for r in runs]})
-    return sorted(rows, key=lambda r: (r["network"], ORDER[r["method"]], r["tau"] or 0.0, r["freeze"] or 0.0))
+    return sorted(rows, key=lambda r: (r["network"], ORDER[r["method"]], r["budget"] or 0, r["tau"] or 0.0,
+                                       r["freeze"] or 0.0))
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -121,10 +123,13 @@ def plot(rows: list[dict], path: Path) -> None:
     for ax, network in zip(axes[0], networks):
         for kind, marker in [("tdlrt", "o"), ("tucker-gd", "s"), ("matrix", "^")]:
             points = [r for r in rows if r["network"] == network and r["method"] == kind and r["freeze"] is None]
-            if points:
-                ax.errorbar([100 * p["compression"] for p in points], [p["accuracy"] for p in points],
-                            yerr=[p["accuracy_std"] for p in points], marker=marker, linestyle="-", capsize=3,
-                            label=LABELS[kind])
+            for budget in (False, True):                  # tau runs as a line, budget runs as points
+                chosen = [p for p in points if (p["budget"] is not None) == budget]
+                if chosen:
+                    ax.errorbar([100 * p["compression"] for p in chosen], [p["accuracy"] for p in chosen],
+                                yerr=[p["accuracy_std"] for p in chosen], marker="D" if budget else marker,
+                                linestyle="none" if budget else "-", capsize=3,
+                                label=LABELS[kind] + (" (budget)" if budget else ""))
         for r in rows:
             if r["network"] == network and r["method"] == "dense":
                 ax.axhline(r["accuracy"], color="black", linestyle="--", label="dense")

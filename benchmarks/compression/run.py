@@ -79,7 +79,7 @@ def run_all(specs: list[RunSpec], output_dir: Path, *, data_dir: str | None, tra
             bar.update()
             bar.set_postfix_str(f"last: {spec.network} {spec.method.label} acc {result['accuracy']:.4f} "
                                 f"cr {result['compression']:.3f}")
-            if spec.method.kind == "tdlrt" and spec.method.freeze is None:
+            if spec.method.kind == "tdlrt" and spec.method.freeze is None and spec.method.budget is None:
                 for gd in [s for s in waiting if (s.network, s.seed, s.method.tau) ==
                            (spec.network, spec.seed, spec.method.tau)]:
                     waiting.remove(gd)
@@ -99,14 +99,18 @@ def run_all(specs: list[RunSpec], output_dir: Path, *, data_dir: str | None, tra
 
 
 def make_specs(networks: list[str], methods: list[str], taus: list[float], seeds: list[int], epochs: int,
-               batch_size: int, settings, freezes: list[float] = (), class_shift: float = 0.0) -> list[RunSpec]:
-    """Every (network, seed, method, tau); ``freezes``: TDLRT runs with ranks frozen at these fractions too."""
+               batch_size: int, settings, freezes: list[float] = (), class_shift: float = 0.0,
+               budgets: list[int] = ()) -> list[RunSpec]:
+    """Every (network, seed, method, tau); ``freezes``: TDLRT runs with ranks frozen at these fractions too;
+    ``budgets``: TDLRT runs in budget mode too."""
     specs = []
     for network in networks:
         for seed in seeds:
             for kind in methods:
-                for tau in ([None] if kind == "dense" else taus):
-                    for freeze in [None, *freezes] if kind == "tdlrt" else [None]:
-                        specs.append(RunSpec(Method(kind, tau, freeze), network, seed, epochs, batch_size, settings,
-                                             class_shift=class_shift))
+                variants = [Method(kind)] if kind == "dense" else [Method(kind, tau) for tau in taus]
+                if kind == "tdlrt":
+                    variants = [Method(kind, m.tau, f) for m in variants for f in [None, *freezes]]
+                    variants += [Method(kind, budget=b) for b in budgets]
+                specs += [RunSpec(m, network, seed, epochs, batch_size, settings, class_shift=class_shift)
+                          for m in variants]
     return specs

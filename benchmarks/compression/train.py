@@ -100,7 +100,8 @@ def train_run(spec: RunSpec, train: tuple[torch.Tensor, torch.Tensor], test: tup
     full = conv_parameters(NETWORKS[spec.network]())
     stored = conv_parameter_count(model)
     return {"network": spec.network, "method": spec.method.kind, "tau": spec.method.tau,
-            "label": spec.method.label, "freeze": spec.method.freeze, "class_shift": spec.class_shift,
+            "label": spec.method.label, "freeze": spec.method.freeze, "target_params": spec.method.budget,
+            "class_shift": spec.class_shift,
             "seed": spec.seed, "accuracy": accuracy, **scores, "final_loss": loss.item(),
             "conv_params": stored, "conv_params_full": full, "compression": 1 - stored / full,
             "trainable_params": count_active_parameters(model), "ranks": conv_ranks(model),

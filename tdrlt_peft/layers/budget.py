@@ -67,8 +67,11 @@ def check_budget(storages: list[LowRankStorage], budget: ParameterBudget, field:
 
 @torch.no_grad()
 def fit_initial_ranks(storages: list[LowRankStorage], budget: ParameterBudget) -> None:
-    """At creation (zero cores): cap every rank at the largest common value whose total fits the budget (never
-    below ``r_min``), so the adapters start within it; the first steps then spend it where the gradients are."""
+    """At creation, when the cores say nothing about where parameters matter (zero adapter cores, or the random
+    Tucker tensors of ``factorize(init="random")``): cap every rank at the largest common value whose total fits
+    the budget (never below ``r_min``), so the layers start within it; the steps then move it where the
+    gradients are. (Truncating a random tensor by its singular values would hand the budget to the layers whose
+    initialisation happens to be larger.)"""
     def total(cap: int) -> int:
         return sum(parameter_count(sizes_of(s), factored_of(s), capped(s, cap)) for s in storages)
 

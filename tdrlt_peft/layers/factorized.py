@@ -28,7 +28,7 @@ from ..math.adam import AdamMoments
 from ..math.engine import RankBounds
 from ..math.geometry import compute_dtype, random_orthonormal, truncation_rank
 from ..math.tucker import project_to_core, tucker_to_tensor, unfold
-from .budget import check_budget, truncate_to_budget
+from .budget import check_budget, fit_initial_ranks, truncate_to_budget
 from .conv_functional import (
     ConvSpec,
     check_groups,
@@ -289,10 +289,12 @@ def factorize(model: nn.Module, target_modules: Sequence[str] | str | None = Non
     Returns ``model``.
 
     ``target_params=N`` ("compress this network to N parameters", ``train_with="integrator"`` only): the
-    factorized layers hold at most N active parameters (biases not counted), from the start (``init="weights"``:
-    the HOSVD up to ``r_max`` truncated to the budget by the largest singular values over all layers, instead of
-    ``tau``) and at every step (``layers/budget.py``). A budget outside the layers' reach is refused before any
-    module is replaced. The budget is not in the state dict: rebuild with the same ``factorize`` call to load.
+    factorized layers hold at most N active parameters (biases not counted), from the start and at every step
+    (``layers/budget.py``). At the start, ``init="weights"`` truncates the HOSVD up to ``r_max`` to the budget by
+    the largest singular values over all layers (instead of ``tau``); ``init="random"`` caps every layer at one
+    common rank that fits, since random tensors carry no information on where the parameters matter. A budget
+    outside the layers' reach is refused before any module is replaced. The budget is not in the state dict:
+    rebuild with the same ``factorize`` call to load.
     """
     supported = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
     chosen = []
@@ -320,7 +322,10 @@ def factorize(model: nn.Module, target_modules: Sequence[str] | str | None = Non
             layer.budget = budget
         storages = [layer.storage(name) for name, layer in layers.items()]
         check_budget(storages, budget, "factorize(target_params)")
-        truncate_to_budget(storages, budget)
+        if kwargs.get("init") == "weights":
+            truncate_to_budget(storages, budget)    # the weights' own spectra decide
+        else:
+            fit_initial_ranks(storages, budget)     # random tensors: one common rank cap
     for name, layer in layers.items():
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, layer)
