@@ -108,7 +108,7 @@ def run_step(args) -> dict:
     from .training import compare
 
     device = torch.device(args.device)
-    settings = SimpleNamespace(r=8, r_min=8, r_max=32, tau=0.5, lr=1e-4, warmup=args.warmup, steps=args.steps,
+    settings = SimpleNamespace(r=8, r_min=8, r_max=32, tau=0.9, lr=1e-4, warmup=args.warmup, steps=args.steps,
                                profile=False, output_dir=args.out, integrator_kwargs=None)
     w = workload(args)
     out: dict = {"part": f"step_{args.model}", "device": _device_name(device), "workload": w.description}

@@ -1,7 +1,7 @@
 """The integrator step alone, against the number of adapters and the rank, batched and per-adapter.
 
 Adapters sit on DeBERTa-base-shaped blocks (six linears: four 768x768, 768->3072, 3072->768). Ranks are pinned
-(``r_min = r``, ``tau = 0.5``, ``r_max = 4 r``): every step augments r -> 2r, decomposes and truncates back to r, the
+(``r_min = r``, ``tau = 0.9``, ``r_max = 4 r``): every step augments r -> 2r, decomposes and truncates back to r, the
 work of any step at rank r. Gradients are random at the active slices, set before each (timed) step. Wall clock
 and process CPU time (the step is single-threaded on CPU, so its CPU time does not grow when other processes
 compete for the cores).
@@ -38,7 +38,7 @@ def adapter_stack(num_adapters: int, rank: int, device: torch.device) -> nn.Modu
     """``num_adapters / 6`` blocks with a TDLRT adapter on each linear."""
     torch.manual_seed(0)
     blocks = nn.Sequential(*(Block() for _ in range(num_adapters // 6))).to(device)
-    config = TuckerAdapterConfig(r=rank, r_min=rank, r_max=4 * rank, tau=0.5, target_modules=list(BLOCK_LINEARS))
+    config = TuckerAdapterConfig(r=rank, r_min=rank, r_max=4 * rank, tau=0.9, target_modules=list(BLOCK_LINEARS))
     return get_peft_model(blocks, config)
 
 
