@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -40,20 +41,14 @@ def batches(labels: torch.Tensor, batch_size: int, epochs: int, generator: torch
     < ``SHIFT_CLASSES`` only (a data shift in the middle of training; 0: the plain epochs)."""
     total = epochs * math.ceil(len(labels) / batch_size)
     first = math.ceil(class_shift * total)
+
+    def shuffled_epochs(index: torch.Tensor):
+        while True:
+            yield from index[torch.randperm(len(index), generator=generator)].split(batch_size)
+
     subset = (labels < SHIFT_CLASSES).nonzero().squeeze(1)
-    count = 0
-    while count < first:
-        for batch in subset[torch.randperm(len(subset), generator=generator)].split(batch_size):
-            if count == first:
-                break
-            yield batch
-            count += 1
-    while count < total:
-        for batch in torch.randperm(len(labels), generator=generator).split(batch_size):
-            if count == total:
-                break
-            yield batch
-            count += 1
+    yield from itertools.islice(shuffled_epochs(subset), first)
+    yield from itertools.islice(shuffled_epochs(torch.arange(len(labels))), total - first)
 
 
 def train_run(spec: RunSpec, train: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.Tensor, torch.Tensor],

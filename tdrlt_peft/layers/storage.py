@@ -95,10 +95,10 @@ class LowRankStorage:
         """Store new active tensors (zeros past the new ranks) and the new ranks. The new tensors may be views of
         this storage (its leading slices): they are copied before it is cleared."""
         ranks = list(core.shape)
-        core = core.to(self.core.dtype, copy=True)
-        factors = [None if new is None else new.to(self.core.dtype, copy=True) for new in factors]
+        core = core.clone()
+        factors = [None if new is None else new.clone() for new in factors]
         self.core.zero_()
-        self.core[tuple(slice(0, r) for r in ranks)] = core
+        self.core[tuple(slice(0, r) for r in ranks)] = core.to(self.core.dtype)
         for U, new in zip(self.factors, factors):
             if U is not None:
                 U.zero_()
