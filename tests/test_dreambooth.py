@@ -274,6 +274,23 @@ def test_runner_end_to_end_two_methods(tiny_folder, instance_dir, tmp_path):
     assert "| tdlrt | tau=0.1 |" in table and "| lora | r=2 |" in table and "Best LoRA rank" in table
 
 
+def test_target_check_pairs_tdlrt_and_the_best_lora_by_seed():
+    """The paired difference uses the shared seeds only, and can show a consistent lead that the means hide."""
+    from benchmarks.dreambooth.report import summarize, target_verdict
+
+    def run(method, size, seed, loss):
+        return {"method": method, "tau" if method == "tdlrt" else "r": size, "seed": seed, "subject_loss": loss,
+                "trainable_params": 1000 if method == "tdlrt" else 4000, "prior_loss_before": 0.1,
+                "prior_loss_after": 0.1, "train_seconds": 1.0, "ranks": {}}
+
+    seed_effect = {0: 0.20, 1: 0.21, 2: 0.19}              # shared by both methods, larger than their gap
+    runs = [run("lora", 4, s, e) for s, e in seed_effect.items()]
+    runs += [run("tdlrt", 0.3, s, e - d) for (s, e), d in zip(seed_effect.items(), (0.001, 0.002, 0.003))]
+    runs.append(run("tdlrt", 0.3, 7, 0.5))                   # a seed LoRA lacks: not paired
+    verdict = target_verdict(summarize(runs))
+    assert "Paired by seed, TDLRT - LoRA: -0.0020 ± 0.0010 (3 of 3 seeds lower: -0.0010, -0.0020, -0.0030)" in verdict
+
+
 def runner_error(capsys, argv) -> str:
     from benchmarks.dreambooth.__main__ import main
 
