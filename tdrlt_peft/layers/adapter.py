@@ -152,13 +152,13 @@ class TDLRTLayer(AdapterScaling, nn.Module, BaseTunerLayer):
             return []
         work = compute_dtype(s.core.dtype)
         ranks = s.rank_buffer.tolist()                    # exact ranks (a host read; this runs at set-up)
-        core = s.core[tuple(slice(0, r) for r in ranks)].to(work, copy=True)
+        core = s.core[tuple(slice(0, r) for r in ranks)].to(work)       # views are fine: write copies first
         factors = [None if U is None else U[:, :r] for U, r in zip(s.factors, ranks)]
         new_factors: list[Tensor | None] = []
         repaired: list[int] = []
         for i, U in enumerate(factors):
             if U is None or in_manifold(U) or (rounded_only and not half_rounded(U)):
-                new_factors.append(None if U is None else U.to(work, copy=True))
+                new_factors.append(None if U is None else U.to(work))
                 continue
             Q, R = orthonormalize(U.to(work))
             new_factors.append(Q)
