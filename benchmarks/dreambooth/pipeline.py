@@ -151,10 +151,11 @@ def eval_noise_and_timesteps(compute: Compute, total_timesteps: int, shape: tupl
 
 
 @torch.no_grad()
-def denoising_loss(c: Components, unet, latents: Tensor, context: Tensor, num_timesteps: int, seed: int = 1234,
-                   batch_size: int = 64) -> float:
-    """Mean squared error of the UNet's prediction on every latent at ``num_timesteps`` fixed timesteps (evenly
-    spaced over the training range) with fixed noise: the same numbers for every model evaluated on them.
+def denoising_losses(c: Components, unet, latents: Tensor, context: Tensor, num_timesteps: int, seed: int = 1234,
+                     batch_size: int = 64) -> Tensor:
+    """Per-image mean squared error ``(N,)`` float64 of the UNet's prediction at ``num_timesteps`` fixed timesteps
+    (evenly spaced over the training range) with fixed noise: the same numbers for every model evaluated on them.
+    Per image, so a comparison of two models can say how much it depends on which images were scored.
 
     ``latents`` (N, C, H, W); ``context`` (1, L, D), the prompt's encoding; both on the device.
     """
@@ -164,15 +165,21 @@ def denoising_loss(c: Components, unet, latents: Tensor, context: Tensor, num_ti
     x0 = latents.unsqueeze(0).expand_as(noise).reshape(-1, *latents.shape[1:])                # (K*N, C, H, W)
     t = steps.repeat_interleave(len(latents))                                                 # (K*N,)
     noise = noise.reshape_as(x0)
-    squared, count = 0.0, 0
+    squared = []
     for i in range(0, len(x0), batch_size):
         part = slice(i, i + batch_size)
         noisy = scheduler.add_noise(x0[part], noise[part], t[part])
         with c.compute.autocast():
             pred = unet(noisy, t[part], context.expand(len(noisy), -1, -1)).sample
-        squared += float((pred.float() - training_target(scheduler, x0[part], noise[part], t[part])).pow(2).sum())
-        count += pred.numel()
-    return squared / count
+        error = pred.double() - training_target(scheduler, x0[part], noise[part], t[part]).double()
+        squared.append(error.pow(2).flatten(1).mean(-1).cpu())                               # (b,)
+    return torch.cat(squared).view(num_timesteps, len(latents)).mean(0)                      # (N,)
+
+
+def denoising_loss(c: Components, unet, latents: Tensor, context: Tensor, num_timesteps: int, seed: int = 1234,
+                   batch_size: int = 64) -> float:
+    """The mean of :func:`denoising_losses` over the images (every image has the same number of elements)."""
+    return float(denoising_losses(c, unet, latents, context, num_timesteps, seed, batch_size).mean())
 
 
 @torch.no_grad()

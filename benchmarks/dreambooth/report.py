@@ -38,6 +38,8 @@ def summarize(runs: list[dict]) -> list[dict]:
                      "params": _mean_std([r["trainable_params"] for r in rs]),
                      "subject": _mean_std([r["subject_loss"] for r in rs]), "drift": _mean_std(drift),
                      "subject_by_seed": {r["seed"]: r["subject_loss"] for r in rs},
+                     "per_image_by_seed": {r["seed"]: r["subject_loss_per_image"] for r in rs
+                                           if "subject_loss_per_image" in r},
                      "subject_before": rs[0].get("subject_loss_before"), "prior_before": rs[0]["prior_loss_before"],
                      "seconds": _mean_std([r["train_seconds"] for r in rs])})
     order = {m: i for i, m in enumerate(METHODS)}
@@ -81,14 +83,27 @@ def target_verdict(rows: list[dict]) -> str:
 def paired_difference(row: dict, best: dict) -> str:
     """TDLRT - LoRA per shared seed. A seed fixes the batches, noise and timesteps of both runs, and its effect on
     the loss is shared by the methods (it is larger than the gap between them), so the per-seed difference is the
-    sharper comparison of the two; '' with fewer than two shared seeds."""
+    sharper comparison of the two; '' with fewer than two shared seeds. With per-image losses, also the standard
+    error of the mean difference over the scored images (:func:`image_standard_error`)."""
     seeds = sorted(row["subject_by_seed"].keys() & best["subject_by_seed"].keys())
     if len(seeds) < 2:
         return ""
     diffs = [row["subject_by_seed"][s] - best["subject_by_seed"][s] for s in seeds]
     lower = sum(d < 0 for d in diffs)
-    return (f" Paired by seed, TDLRT - LoRA: {_pm(_mean_std(diffs))} ({lower} of {len(seeds)} seeds lower: "
+    text = (f" Paired by seed, TDLRT - LoRA: {_pm(_mean_std(diffs))} ({lower} of {len(seeds)} seeds lower: "
             + ", ".join(f"{d:+.4f}" for d in diffs) + ").")
+    se = image_standard_error(row.get("per_image_by_seed", {}), best.get("per_image_by_seed", {}), seeds)
+    return text if se is None else text + f" Standard error over the {se[1]} scored images: {se[0]:.4f}."
+
+
+def image_standard_error(a: dict, b: dict, seeds: list) -> tuple[float, int] | None:
+    """How much the mean paired difference depends on which images were scored: the per-image difference
+    ``a - b`` averaged over the seeds, its standard deviation over the N images / sqrt(N); with N. None without
+    per-image losses for every seed, or with different image counts."""
+    if not all(s in a and s in b and len(a[s]) == len(b[s]) for s in seeds):
+        return None
+    d = np.mean([np.asarray(a[s], dtype=float) - np.asarray(b[s], dtype=float) for s in seeds], axis=0)   # (N,)
+    return (float(d.std(ddof=1) / np.sqrt(d.size)), int(d.size)) if d.size > 1 else None
 
 
 def write_report(output_dir: Path) -> str:

@@ -27,7 +27,7 @@ from . import methods
 from .base import BaseRecipe, offline_base
 from .data import image_files, load_images, offline_subject, save_images
 from .device import Compute
-from .pipeline import Components, denoising_loss, encode_prompts, load_components, sample, to_latents, training_target
+from .pipeline import Components, denoising_losses, encode_prompts, load_components, sample, to_latents, training_target
 
 SAMPLE_SEED = 0
 
@@ -104,8 +104,13 @@ def make_class_images(args, parts: Components, class_context: Tensor, empty_cont
     save_images(images, folder, stem=f"class_{have:04d}_")
 
 
+def losses_on(prep: Prepared, unet, latents: Tensor, context: Tensor, args) -> Tensor:
+    """Per-image denoising losses (N,) float64 (``pipeline.denoising_losses``)."""
+    return denoising_losses(prep.parts, unet, latents, context, args.num_eval_timesteps)
+
+
 def loss_on(prep: Prepared, unet, latents: Tensor, context: Tensor, args) -> float:
-    return denoising_loss(prep.parts, unet, latents, context, args.num_eval_timesteps)
+    return float(losses_on(prep, unet, latents, context, args).mean())
 
 
 def run_name(method: str, size: float, seed: int) -> str:
@@ -194,9 +199,11 @@ def one_run(prep: Prepared, method: str, size: float, seed: int, args, progress:
     loss = train(prep, adapted, seed, args, name, progress, recorder)
     prep.parts.compute.synchronize()
     seconds = time.perf_counter() - start
+    subject = losses_on(prep, model, prep.validation, prep.instance_context, args)           # (N,)
     record = {"method": method, "seed": seed, methods.SIZE_NAME[method]: size,
               "trainable_params": adapted.count(),
-              "subject_loss": loss_on(prep, model, prep.validation, prep.instance_context, args),
+              "subject_loss": float(subject.mean()),
+              "subject_loss_per_image": [round(float(x), 8) for x in subject],
               "subject_loss_before": prep.before["subject_loss"],
               "prior_loss_before": prep.before["prior_loss"],
               "prior_loss_after": loss_on(prep, model, prep.prior_eval, prep.class_context, args),
