@@ -312,8 +312,14 @@ def test_image_standard_error_of_the_paired_difference():
 @pytest.mark.integration
 def test_per_image_denoising_losses_match_a_direct_computation(tiny_folder):
     """Image n's loss is the MSE of the UNet's prediction over the fixed (timestep, noise) pairs of that image."""
-    from benchmarks.dreambooth.pipeline import (denoising_loss, denoising_losses, encode_prompts,
-                                                eval_noise_and_timesteps, load_components, training_target)
+    from benchmarks.dreambooth.pipeline import (
+        denoising_loss,
+        denoising_losses,
+        encode_prompts,
+        eval_noise_and_timesteps,
+        load_components,
+        training_target,
+    )
 
     parts = load_components(str(tiny_folder))
     latents = torch.randn(3, parts.unet.config.in_channels, parts.resolution, parts.resolution,
