@@ -27,7 +27,16 @@ from . import methods
 from .base import BaseRecipe, offline_base
 from .data import image_files, load_images, offline_subject, save_images
 from .device import Compute
-from .pipeline import Components, denoising_losses, encode_prompts, load_components, sample, to_latents, training_target
+from .pipeline import (
+    Components,
+    denoising_loss,
+    denoising_losses,
+    encode_prompts,
+    load_components,
+    sample,
+    to_latents,
+    training_target,
+)
 
 SAMPLE_SEED = 0
 
@@ -110,7 +119,7 @@ def losses_on(prep: Prepared, unet, latents: Tensor, context: Tensor, args) -> T
 
 
 def loss_on(prep: Prepared, unet, latents: Tensor, context: Tensor, args) -> float:
-    return float(losses_on(prep, unet, latents, context, args).mean())
+    return denoising_loss(prep.parts, unet, latents, context, args.num_eval_timesteps)
 
 
 def run_name(method: str, size: float, seed: int) -> str:
