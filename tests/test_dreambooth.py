@@ -336,6 +336,22 @@ def test_per_image_denoising_losses_match_a_direct_computation(tiny_folder):
             direct = (pred - training_target(parts.scheduler, x0, eps, steps)).double().pow(2).mean()
             assert float(losses[n]) == pytest.approx(float(direct), rel=1e-5)
     assert denoising_loss(parts, parts.unet, latents, context, 2) == pytest.approx(float(losses.mean()), rel=1e-12)
+    # one timestep per image: image n at grid timestep n mod K, with that pair's noise of the full grid
+    noise, steps = eval_noise_and_timesteps(parts.compute, parts.scheduler.config.num_train_timesteps,
+                                            tuple(latents.shape), 3, 1234)
+    single = denoising_losses(parts, parts.unet, latents, context, num_timesteps=3, timesteps_per_image=1)
+    full = denoising_losses(parts, parts.unet, latents, context, num_timesteps=3, timesteps_per_image=3)
+    assert torch.allclose(full, denoising_losses(parts, parts.unet, latents, context, num_timesteps=3), rtol=1e-6)
+    with torch.no_grad():
+        for n in range(3):
+            x0, eps, t = latents[n:n + 1], noise[n, n:n + 1], steps[n:n + 1]
+            pred = parts.unet(parts.scheduler.add_noise(x0, eps, t), t, context).sample
+            direct = (pred - training_target(parts.scheduler, x0, eps, t)).double().pow(2).mean()
+            assert float(single[n]) == pytest.approx(float(direct), rel=1e-5)
+    from benchmarks.dreambooth import RunnerError
+
+    with pytest.raises(RunnerError, match="timesteps_per_image 4"):
+        denoising_losses(parts, parts.unet, latents, context, num_timesteps=3, timesteps_per_image=4)
 
 
 def runner_error(capsys, argv) -> str:

@@ -69,7 +69,7 @@ def parser() -> argparse.ArgumentParser:
         "that the UNet has."))
     train = p.add_argument_group("training")
     train.add_argument("--max_train_steps", type=int, default=100, help="Optimizer steps per run.")
-    train.add_argument("--learning_rate", type=float, default=6e-4, help=(
+    train.add_argument("--learning_rate", type=float, default=9e-4, help=(
         "Learning rate (constant) of LoRA, LoHa, LoKr (tuned for LoRA, see README)."))
     train.add_argument("--train_batch_size", type=int, default=2, help=(
         "Instance images per step (as many class images again with prior preservation)."))
@@ -86,6 +86,10 @@ def parser() -> argparse.ArgumentParser:
     evaluation = p.add_argument_group("evaluation and output")
     evaluation.add_argument("--num_eval_timesteps", type=int, default=10, help=(
         "Fixed timesteps (with fixed noise) of the denoising losses."))
+    evaluation.add_argument("--eval_timesteps_per_image", type=int, default=None, help=(
+        "Of those, how many score each image (image n at timesteps n, ..., n+m-1 mod K). Default: all of them "
+        "while the images times the timesteps are at most 1,000 pairs, else as few as score 1,000 pairs (1 for "
+        "1,000 images): more images at the same cost."))
     evaluation.add_argument("--num_samples", type=int, default=4, help="Samples per row of the sample grid.")
     evaluation.add_argument("--num_inference_steps", type=int, default=25, help="DDIM steps for sampling.")
     evaluation.add_argument("--guidance_scale", type=float, default=1.0, help=(
@@ -127,10 +131,13 @@ def validate(args: argparse.Namespace) -> argparse.Namespace:
     if not 1 <= args.tdlrt_r <= args.tdlrt_r_max:
         raise RunnerError(f"--tdlrt_r {args.tdlrt_r} --tdlrt_r_max {args.tdlrt_r_max}: need 1 <= r <= r_max")
     for flag in ("max_train_steps", "train_batch_size", "num_eval_timesteps", "num_samples", "num_inference_steps",
-                 "workers", "threads"):
+                 "workers", "threads", "eval_timesteps_per_image"):
         value = getattr(args, flag)
-        if value is not None and value < 1:      # None: the default (--workers)
+        if value is not None and value < 1:      # None: the default (--workers, --eval_timesteps_per_image)
             raise RunnerError(f"--{flag} must be >= 1, got {value}")
+    if (args.eval_timesteps_per_image or 0) > args.num_eval_timesteps:
+        raise RunnerError(f"--eval_timesteps_per_image {args.eval_timesteps_per_image}: at most "
+                          f"--num_eval_timesteps ({args.num_eval_timesteps})")
     check_device(args.device)
     check_mixed_precision(args.mixed_precision, args.device)
     args.workers = workers_for(args.workers, args.device)

@@ -115,11 +115,13 @@ def make_class_images(args, parts: Components, class_context: Tensor, empty_cont
 
 def losses_on(prep: Prepared, unet, latents: Tensor, context: Tensor, args) -> Tensor:
     """Per-image denoising losses (N,) float64 (``pipeline.denoising_losses``)."""
-    return denoising_losses(prep.parts, unet, latents, context, args.num_eval_timesteps)
+    return denoising_losses(prep.parts, unet, latents, context, args.num_eval_timesteps,
+                            timesteps_per_image=args.eval_timesteps_per_image)
 
 
 def loss_on(prep: Prepared, unet, latents: Tensor, context: Tensor, args) -> float:
-    return denoising_loss(prep.parts, unet, latents, context, args.num_eval_timesteps)
+    return denoising_loss(prep.parts, unet, latents, context, args.num_eval_timesteps,
+                          timesteps_per_image=args.eval_timesteps_per_image)
 
 
 def run_name(method: str, size: float, seed: int) -> str:
@@ -208,21 +210,21 @@ def one_run(prep: Prepared, method: str, size: float, seed: int, args, progress:
     loss = train(prep, adapted, seed, args, name, progress, recorder)
     prep.parts.compute.synchronize()
     seconds = time.perf_counter() - start
-    subject = losses_on(prep, model, prep.validation, prep.instance_context, args)           # (N,)
     record = {"method": method, "seed": seed, methods.SIZE_NAME[method]: size,
-              "trainable_params": adapted.count(),
-              "subject_loss": float(subject.mean()),
-              "subject_loss_per_image": [round(float(x), 8) for x in subject],
-              "subject_loss_before": prep.before["subject_loss"],
-              "prior_loss_before": prep.before["prior_loss"],
-              "prior_loss_after": loss_on(prep, model, prep.prior_eval, prep.class_context, args),
-              "train_seconds": round(seconds, 2), "ranks": adapted.ranks(), "final_train_loss": float(loss.detach()),
-              "settings": _settings(args, prep),
-              **(recorder.summary(args.max_train_steps) if recorder is not None else {})}
+              "trainable_params": adapted.count(), "ranks": adapted.ranks()}
     if args.save_adapters:
         model.save_pretrained(out / "adapters" / name)
+    merged = model.merge_and_unload()       # scored and sampled as shipped: the dense UNet (its forward is cheaper)
+    subject = losses_on(prep, merged, prep.validation, prep.instance_context, args)          # (N,)
+    record.update({"subject_loss": float(subject.mean()),
+                   "subject_loss_per_image": [round(float(x), 8) for x in subject],
+                   "subject_loss_before": prep.before["subject_loss"],
+                   "prior_loss_before": prep.before["prior_loss"],
+                   "prior_loss_after": loss_on(prep, merged, prep.prior_eval, prep.class_context, args),
+                   "train_seconds": round(seconds, 2), "final_train_loss": float(loss.detach()),
+                   "settings": _settings(args, prep),
+                   **(recorder.summary(args.max_train_steps) if recorder is not None else {})})
     if seed == args.seeds[0]:
-        merged = model.merge_and_unload()                        # sampling runs on the merged (dense) UNet
         images = sample(prep.parts, merged, prep.instance_context, prep.empty_context, args.num_samples,
                         SAMPLE_SEED, args.num_inference_steps, args.guidance_scale)
         save_images(images, out / "samples" / name, stem="sample_")
@@ -242,8 +244,8 @@ def base_unet_copy(prep: Prepared, args) -> torch.nn.Module:
 def _settings(args, prep: Prepared) -> dict:
     keys = ("pretrained_model_name_or_path", "instance_prompt", "class_prompt", "with_prior_preservation",
             "prior_loss_weight", "max_train_steps", "learning_rate", "train_batch_size", "max_grad_norm",
-            "instance_data_dir", "validation_data_dir", "prior_eval_data_dir", "num_eval_timesteps", "device",
-            "mixed_precision", "gradient_checkpointing")
+            "instance_data_dir", "validation_data_dir", "prior_eval_data_dir", "num_eval_timesteps",
+            "eval_timesteps_per_image", "device", "mixed_precision", "gradient_checkpointing")
     settings = {k: getattr(args, k) for k in keys}
     settings.update(targets=prep.targets, tdlrt={"r": args.tdlrt_r, "r_max": args.tdlrt_r_max,
                                                  "scale": args.tdlrt_scale, "lr": args.tdlrt_learning_rate,
