@@ -27,8 +27,8 @@ FASHION_CLASSES = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", 
 SUBJECT_LABEL = 9           # ankle boot: never seen by the base model, the Dreambooth subject
 RELATED_LABEL = 7           # sneaker: the related class the base knows (class prompt, prior preservation)
 # the offline subject's folders: name -> (split, label, first index among that label's images, count)
-# tuning: 1,000 images (with 32, which method was ahead depended on which 32 were scored; README "Session 9"); the
-# report splits stay at 32 until the reported table is rerun with more
+# 1,000 images per scored split (with 32, which method was ahead depended on which 32 were scored; README
+# "Session 9"): tuning since session 9, the report splits since session 10
 SUBJECT_SPLITS = {"instance": ("train", SUBJECT_LABEL, 0, 5), "tuning": ("train", SUBJECT_LABEL, 5, 1000),
                   "heldout": ("test", SUBJECT_LABEL, 0, 1000), "prior_heldout": ("test", RELATED_LABEL, 0, 1000)}
 

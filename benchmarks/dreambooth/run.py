@@ -1,7 +1,7 @@
 """One Dreambooth run per (method, size, seed), reading top to bottom: prepare the shared data once, then for
 each run copy the base UNet, add the adapter, train with prior preservation, measure, sample, write a JSON.
 
-Losses (``pipeline.denoising_loss``): ``subject_loss`` on the validation images with the instance prompt,
+Losses (``pipeline.denoising_losses``): ``subject_loss`` on the validation images with the instance prompt,
 ``prior_loss_before`` / ``prior_loss_after`` on the prior-evaluation images with the class prompt, by the base
 model and by the trained one; every model sees the same timesteps and noise.
 
@@ -29,7 +29,6 @@ from .data import image_files, load_images, offline_subject, save_images
 from .device import Compute
 from .pipeline import (
     Components,
-    denoising_loss,
     denoising_losses,
     encode_prompts,
     load_components,
@@ -120,8 +119,7 @@ def losses_on(prep: Prepared, unet, latents: Tensor, context: Tensor, args) -> T
 
 
 def loss_on(prep: Prepared, unet, latents: Tensor, context: Tensor, args) -> float:
-    return denoising_loss(prep.parts, unet, latents, context, args.num_eval_timesteps,
-                          timesteps_per_image=args.eval_timesteps_per_image)
+    return float(losses_on(prep, unet, latents, context, args).mean())
 
 
 def run_name(method: str, size: float, seed: int) -> str:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The tuning sweep behind the offline default's settings (README "Tuning"): the tuning split (1,000 training-set
-# ankle boots that are not instance images; 32 before session 9), seeds 10 11 12 (seed 10 alone before session 8),
-# prior loss on the generated class images; never the held-out report split. Usage: bash benchmarks/dreambooth/tune.sh [OUT [ARGS...]]  (one results.md per setting in OUT/)
+# ankle boots that are not instance images; 32 before session 9), seeds ${SEEDS:-10 11 12} (seed 10 alone before
+# session 8), prior loss on the generated class images; never the held-out report split.
+# Usage: bash benchmarks/dreambooth/tune.sh [OUT [ARGS...]]  (one results.md per setting in OUT/)
 set -euo pipefail
 OUT=${1:-outputs/dreambooth-tuning}
 shift || true      # the remaining arguments go to every tuning run
@@ -9,12 +10,13 @@ SUBJECT=${TDRLT_CACHE:-$HOME/.cache/tdrlt_peft}/fashion-mnist-subject
 # the subject's folders (instance, tuning, report) exist after the first default run; write them now on a fresh cache
 python -c "import sys; from pathlib import Path; from benchmarks.dreambooth.data import offline_subject; \
 offline_subject(Path(sys.argv[1]))" "$SUBJECT"
-COMMON=(--seeds ${SEEDS:-10 11 12} --validation_data_dir "$SUBJECT/tuning" --class_data_dir "$OUT/class_images")
-# class images first (the prior-evaluation folder must exist before the sweep points at it)
-python -m benchmarks.dreambooth --method lora --lora_r 1 --max_train_steps 1 "${COMMON[@]}" \
-  --seeds 10 --validation_data_dir "$SUBJECT/instance" --prior_eval_data_dir "$SUBJECT/instance" \
-  --output_dir "$OUT/init" > /dev/null
-COMMON+=(--prior_eval_data_dir "$OUT/class_images")
+# class images first (the prior-evaluation folder must exist before the sweep points at it); one cheap run
+python -m benchmarks.dreambooth --method lora --lora_r 1 --max_train_steps 1 --seeds 10 \
+  --class_data_dir "$OUT/class_images" --validation_data_dir "$SUBJECT/instance" \
+  --prior_eval_data_dir "$SUBJECT/instance" --output_dir "$OUT/init" > /dev/null
+# shellcheck disable=SC2206
+COMMON=(--seeds ${SEEDS:-10 11 12} --validation_data_dir "$SUBJECT/tuning" --class_data_dir "$OUT/class_images"
+        --prior_eval_data_dir "$OUT/class_images")
 for lr in ${LRS:-1e-3 3e-3}; do
   # shellcheck disable=SC2086
   python -m benchmarks.dreambooth --method tdlrt lora --lora_r ${RANKS:-2 8} --tau ${TAUS:-0.15 0.3 0.45} \
