@@ -657,3 +657,30 @@ def test_runner_end_to_end_in_mixed_precision(tiny_folder, instance_dir, tmp_pat
         assert r["settings"]["mixed_precision"] == precision and r["settings"]["device"] == "cpu"
         assert r["settings"]["gradient_checkpointing"] == checkpointing
         assert all(math.isfinite(r[k]) for k in ("subject_loss", "prior_loss_after", "final_train_loss"))
+
+
+def test_tdlrt_config_fields_reach_the_adapters_and_bad_ones_are_refused(runner_prep, tiny_folder, instance_dir,
+                                                                         tmp_path, capsys):
+    """``--tdlrt_config FIELD=VALUE``: the fields reach the TuckerAdapterConfig and the integrator; an unknown
+    field, a field with its own flag or an invalid value is refused before any run, naming the fix."""
+    import copy
+
+    from benchmarks.dreambooth import methods
+    from benchmarks.dreambooth.args import tdlrt_config_fields
+    from benchmarks.dreambooth.run import base_unet_copy
+
+    args, prep = runner_prep
+    args = copy.copy(args)
+    args.tdlrt_config = tdlrt_config_fields(["r_min=2", "core_optimizer=adam_normalized"])
+    assert args.tdlrt_config == {"r_min": 2, "core_optimizer": "adam_normalized"}
+    adapted = methods.build("tdlrt", 0.1, base_unet_copy(prep, args), prep.targets, args)
+    config = adapted.model.peft_config["default"]
+    assert (config.r_min, config.core_optimizer) == (2, "adam_normalized")
+    assert adapted.optimizer.integrator.adam["normalize"]
+    out = tmp_path / "out"
+    err = runner_error(capsys, runner_args(tiny_folder, instance_dir, out, "--tdlrt_config", "rmin=2"))
+    assert "--tdlrt_config rmin=2" in err and "r_min" in err
+    assert "set tau with --tau" in runner_error(capsys, runner_args(tiny_folder, instance_dir, out,
+                                                                    "--tdlrt_config", "tau=0.2"))
+    err = runner_error(capsys, runner_args(tiny_folder, instance_dir, out, "--tdlrt_config", "r_min=3"))
+    assert "--tdlrt_config" in err and "r_min (3) <= r" in err                 # runner_args has --tdlrt_r 2

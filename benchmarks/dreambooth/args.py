@@ -7,6 +7,8 @@ Every default is the offline default: the cached base model (``base.py``) and th
 from __future__ import annotations
 
 import argparse
+import ast
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -64,6 +66,9 @@ def parser() -> argparse.ArgumentParser:
         "TDLRT: truncate by tau every N steps (and at the last); the steps between keep every augmented direction."))
     methods.add_argument("--tdlrt_learning_rate", type=float, default=1e-3, help=(
         "Learning rate of the TDLRT step (tuned, see README; --learning_rate is the other methods')."))
+    methods.add_argument("--tdlrt_config", nargs="+", default=[], metavar="FIELD=VALUE", help=(
+        "Further TuckerAdapterConfig fields for TDLRT, e.g. r_min=2 core_optimizer=sgd (values as Python "
+        "literals)."))
     methods.add_argument("--target_modules", nargs="+", default=None, help=(
         f"Modules to adapt (suffix match), for every method. Default: those of {' '.join(DEFAULT_TARGETS)} "
         "that the UNet has."))
@@ -128,6 +133,13 @@ def validate(args: argparse.Namespace) -> argparse.Namespace:
             raise RunnerError(f"--{flag} {getattr(args, flag)}: ranks must be >= 1")
     if args.tdlrt_truncation_interval < 1:
         raise RunnerError(f"--tdlrt_truncation_interval {args.tdlrt_truncation_interval}: must be >= 1 (1: every step)")
+    args.tdlrt_config = tdlrt_config_fields(args.tdlrt_config)
+    if args.tdlrt_config and "tdlrt" in args.method:
+        from tdrlt_peft import TuckerAdapterConfig
+        try:                                                        # the config's own checks, before any run
+            TuckerAdapterConfig(r=args.tdlrt_r, r_max=args.tdlrt_r_max, **args.tdlrt_config)
+        except (ValueError, TypeError) as error:
+            raise RunnerError(f"--tdlrt_config: {error}") from None
     if not 1 <= args.tdlrt_r <= args.tdlrt_r_max:
         raise RunnerError(f"--tdlrt_r {args.tdlrt_r} --tdlrt_r_max {args.tdlrt_r_max}: need 1 <= r <= r_max")
     for flag in ("max_train_steps", "train_batch_size", "num_eval_timesteps", "num_samples", "num_inference_steps",
@@ -154,6 +166,27 @@ def validate(args: argparse.Namespace) -> argparse.Namespace:
     if args.instance_data_dir is not None and args.instance_prompt == OFFLINE_INSTANCE_PROMPT:
         print(f"note: --instance_prompt is the offline default {OFFLINE_INSTANCE_PROMPT!r}", file=sys.stderr)
     return args
+
+
+def tdlrt_config_fields(items: list[str]) -> dict:
+    """``--tdlrt_config FIELD=VALUE ...`` as keyword arguments of TuckerAdapterConfig (the runner's own flags set
+    r, r_max, tau, scale, truncation_interval and target_modules)."""
+    from tdrlt_peft import TuckerAdapterConfig
+
+    own = {"r": "--tdlrt_r", "r_max": "--tdlrt_r_max", "tau": "--tau", "scale": "--tdlrt_scale",
+           "truncation_interval": "--tdlrt_truncation_interval", "target_modules": "--target_modules"}
+    names = {f.name for f in dataclasses.fields(TuckerAdapterConfig)} - set(own)
+    fields = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        if not sep or name not in names:
+            hint = f"set {name} with {own[name]}" if name in own else "fields: " + ", ".join(sorted(names))
+            raise RunnerError(f"--tdlrt_config {item}: expected FIELD=VALUE with a TuckerAdapterConfig field ({hint})")
+        try:
+            fields[name] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            fields[name] = text                                   # a bare word: a string (core_optimizer=sgd)
+    return fields
 
 
 def workers_for(requested: int | None, device: str) -> int:

@@ -59,7 +59,7 @@ class Recipe:
     tau: float = _f(0.15, "TDLRT relative truncation tolerance.")
     tdlrt_dropout: float = _f(0.1, "TDLRT adapter input dropout.")
     tdlrt_scale: float = _f(1.0, "TDLRT constant output scale s (independent of the rank).")
-    core_optimizer: str = _f("adam", "TDLRT core optimiser inside the integrator step (adam or sgd).")
+    core_optimizer: str = _f("adam", "TDLRT core optimiser inside the integrator step (adam, adam_normalized or sgd).")
     target_params: int | None = _f(None, "TDLRT parameter budget: at most this many active adapter parameters "
                                          "(head not counted), ranks decided over the whole model at every step "
                                          "instead of by tau (TuckerAdapterConfig.target_params).")

@@ -195,10 +195,20 @@ def propose(group: Group, core_grad: Tensor, k_grads: list[Tensor | None], lr: f
         if k_buffer is not None:
             # the new blocks from the preconditioned K-gradients (adam.py), the old block from the core's Adam
             direction = augmented_gradient(direction * old, k_dirs, new, qs, shifts)
-        decay = adam.get("weight_decay", 0.0)
-        core_hat = group.core - lr * (direction + decay * group.core if decay else direction)
+        core_hat = adam_core_update(group.core, direction, augmented, lr, adam)
     bases = [None if U is None else torch.baddbmm(U, N, S) for U, N, S in zip(group.factors, new, shifts)]
     return truncation_proposal(group, bases, core_hat, augmented, bounds, moments, qs, k_buffer)
+
+
+def adam_core_update(core: Tensor, direction: Tensor, ranks: Tensor, lr: float | Tensor, adam: dict) -> Tensor:
+    """``Ĉ = C - lr (D / n + wd C)`` for the Adam direction D (B, R_1, ..., R_d) at ranks r̂ (B, d):
+    ``n = sqrt(prod_i r̂_i)`` with ``adam["normalize"]``, else 1. Adam's entries are about ±1, so ``||D||_F`` grows
+    like ``sqrt(prod_i r̂_i)``: normalized, the step's size is about ``lr`` whatever the rank."""
+    if adam.get("normalize"):
+        n = ranks.prod(-1).clamp_min(1).to(direction.dtype).sqrt()
+        direction = direction / n.reshape(-1, *[1] * (direction.dim() - 1))
+    decay = adam.get("weight_decay", 0.0)
+    return core - lr * (direction + decay * core if decay else direction)
 
 
 def padded_grams(mats: list[Tensor], counts: Tensor) -> Tensor:

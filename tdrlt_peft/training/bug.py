@@ -81,7 +81,7 @@ def galerkin_proposal(aug: AugmentedGroup, core_grad: Tensor, lr: float | Tensor
         old = block_mask(group.ranks, list(group.core.shape[1:]))
         direction, moments = adam_direction(core_grad, pad_core_moments(group.moments, old), adam["betas"],
                                             adam["eps"])
-        core_hat = group.core - lr * (direction + adam.get("weight_decay", 0.0) * group.core)
+        core_hat = engine.adam_core_update(group.core, direction, aug.point.ranks, lr, adam)
     return engine.truncation_proposal(group, aug.point.factors, core_hat, aug.point.ranks, aug.bounds, moments,
                                       aug.qs, aug.k_buffer)
 
@@ -98,7 +98,7 @@ def bug_step(integrator: TDLRTIntegrator, lr: float | Tensor, closure: Callable[
     """
     model = integrator.model
     lr = lr * integrator.lr_factor
-    adam = integrator.adam if integrator.core_optimizer == "adam" else None
+    adam = None if integrator.core_optimizer == "sgd" else integrator.adam
     groups: list[AugmentedGroup] = []
     other_grads: dict[nn.Parameter, Tensor | None] = {}
     try:

@@ -35,7 +35,7 @@ from ..math import engine
 from ..math.geometry import freeze_step, frozen, truncates
 from ..math.threads import single_threaded_linalg
 
-CORE_OPTIMIZERS = ("adam", "sgd")
+CORE_OPTIMIZERS = ("adam", "adam_normalized", "sgd")
 
 
 class TDLRTIntegrator:
@@ -44,7 +44,9 @@ class TDLRTIntegrator:
     Args:
         model: any module containing TDLRT adapter layers or factorized layers (PeftModel or bare model).
         core_optimizer: ``"adam"`` (moments owned here, stored in the layers' buffers and transported across
-            basis changes, see ``adam.py``) or ``"sgd"`` (the exact projected-gradient step of the theory).
+            basis changes, see ``adam.py``), ``"adam_normalized"`` (the same, the step divided by
+            ``sqrt(prod_i r̂_i)``: ``engine.adam_core_update``) or ``"sgd"`` (the exact projected-gradient step of
+            the theory).
         betas, eps, weight_decay: Adam settings for the core (decoupled weight decay).
         lr_factor: the step uses ``lr * lr_factor``.
         batched: step adapters together in groups (whatever their ranks); ``False`` makes every adapter a group of
@@ -66,7 +68,7 @@ class TDLRTIntegrator:
     ``geometry.frozen``; None: never).
     """
 
-    def __init__(self, model: nn.Module, core_optimizer: Literal["adam", "sgd"] = "adam",
+    def __init__(self, model: nn.Module, core_optimizer: Literal["adam", "adam_normalized", "sgd"] = "adam",
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
                  lr_factor: float = 1.0, batched: bool = True, cuda_graph: bool = False,
                  grouping: str = "auto", truncation_interval: int = 1):
@@ -76,7 +78,8 @@ class TDLRTIntegrator:
             raise ValueError(f"betas must lie in [0, 1), got {betas}.")
         self.model = model
         self.core_optimizer = core_optimizer
-        self.adam = {"betas": tuple(betas), "eps": eps, "weight_decay": weight_decay}
+        self.adam = {"betas": tuple(betas), "eps": eps, "weight_decay": weight_decay,
+                     "normalize": core_optimizer == "adam_normalized"}
         self.lr_factor = lr_factor
         if grouping not in ("auto", *GROUPINGS):
             raise ValueError(f"grouping must be 'auto' or one of {GROUPINGS}, got {grouping!r}.")
@@ -218,7 +221,7 @@ class TDLRTIntegrator:
     def parallel_step(self, storages: list[LowRankStorage], lr: float | Tensor, also_check: list[Tensor] | None
                       ) -> Tensor:
         """The step's device work (what a CUDA graph captures): returns ``ok``."""
-        adam = self.adam if self.core_optimizer == "adam" else None
+        adam = None if self.core_optimizer == "sgd" else self.adam
         groups = self.groups(storages)
         gathered = [gather(part, with_moments=adam is not None, full=self.graph is not None) for part, _ in groups]
         # the stacked gradients hold every nonzero entry (past the step's widths they are zero)

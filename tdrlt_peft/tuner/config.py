@@ -60,9 +60,11 @@ class TuckerAdapterConfig(PeftConfig):
         "help": "Constant output scale s of s * ΔW (never rank dependent, so a rank change never makes the "
                 "output jump). With the Adam core it multiplies the adapters' step size (about lr * scale)."})
     dropout: float = field(default=0.0, metadata={"help": "Dropout probability on the adapter input."})
-    core_optimizer: Literal["adam", "sgd"] = field(default="adam", metadata={
-        "help": "Update of the core in the augmented basis: 'adam' (state transported across basis changes) "
-                "or 'sgd' (the exact projected-gradient step of the theory)."})
+    core_optimizer: Literal["adam", "adam_normalized", "sgd"] = field(default="adam", metadata={
+        "help": "Update of the core in the augmented basis: 'adam' (state transported across basis changes), "
+                "'adam_normalized' (Adam with its step divided by sqrt(prod_i r̂_i), the square root of the "
+                "augmented core's size: Adam's step then has a Frobenius norm of about lr at every rank, where "
+                "plain Adam's grows with the rank) or 'sgd' (the exact projected-gradient step of the theory)."})
     core_lr_factor: float = field(default=1.0, metadata={
         "help": "The integrator step uses the Trainer's current learning rate times this factor."})
     adam_betas: tuple[float, float] = field(default=(0.9, 0.999), metadata={"help": "Adam betas of the core."})
@@ -127,8 +129,8 @@ class TuckerAdapterConfig(PeftConfig):
             raise bad("scale", "it must be > 0")
         if not 0 <= self.dropout < 1:
             raise bad("dropout", "it must satisfy 0 <= dropout < 1")
-        if self.core_optimizer not in ("adam", "sgd"):
-            raise bad("core_optimizer", "use 'adam' or 'sgd'")
+        if self.core_optimizer not in ("adam", "adam_normalized", "sgd"):
+            raise bad("core_optimizer", "use 'adam', 'adam_normalized' or 'sgd'")
         if not self.core_lr_factor > 0:
             raise bad("core_lr_factor", "it must be > 0")
         if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
