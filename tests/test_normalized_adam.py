@@ -26,7 +26,8 @@ def adapted(kind: str):
     base = nn.Sequential(SHAPES[kind][1]).to(F64)
     model = get_peft_model(base, tdrlt_peft.TuckerAdapterConfig(target_modules=["0"], r=2, r_max=8, tau=0.0))
     with torch.no_grad():                      # a nonzero core: the step starts from a generic point
-        only_storage(model).active()[0].copy_(torch.randn(only_storage(model).active()[0].shape, dtype=F64))
+        core = only_storage(model).active()[0]
+        core.copy_(torch.randn(core.shape, dtype=F64))
     return model
 
 

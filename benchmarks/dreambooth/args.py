@@ -12,6 +12,8 @@ import dataclasses
 import sys
 from pathlib import Path
 
+from tdrlt_peft import TuckerAdapterConfig
+
 from . import RunnerError
 from .data import check_images
 from .device import AUTOCAST_DTYPES, check_device, check_mixed_precision, default_device, is_cuda
@@ -135,7 +137,6 @@ def validate(args: argparse.Namespace) -> argparse.Namespace:
         raise RunnerError(f"--tdlrt_truncation_interval {args.tdlrt_truncation_interval}: must be >= 1 (1: every step)")
     args.tdlrt_config = tdlrt_config_fields(args.tdlrt_config)
     if args.tdlrt_config and "tdlrt" in args.method:
-        from tdrlt_peft import TuckerAdapterConfig
         try:                                                        # the config's own checks, before any run
             TuckerAdapterConfig(r=args.tdlrt_r, r_max=args.tdlrt_r_max, **args.tdlrt_config)
         except (ValueError, TypeError) as error:
@@ -171,8 +172,6 @@ def validate(args: argparse.Namespace) -> argparse.Namespace:
 def tdlrt_config_fields(items: list[str]) -> dict:
     """``--tdlrt_config FIELD=VALUE ...`` as keyword arguments of TuckerAdapterConfig (the runner's own flags set
     r, r_max, tau, scale, truncation_interval and target_modules)."""
-    from tdrlt_peft import TuckerAdapterConfig
-
     own = {"r": "--tdlrt_r", "r_max": "--tdlrt_r_max", "tau": "--tau", "scale": "--tdlrt_scale",
            "truncation_interval": "--tdlrt_truncation_interval", "target_modules": "--target_modules"}
     names = {f.name for f in dataclasses.fields(TuckerAdapterConfig)} - set(own)

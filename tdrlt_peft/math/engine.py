@@ -31,6 +31,8 @@ from .masks import block_mask, column_mask, fit_columns, shift_matrix
 from .orth import complement_basis, complement_gram, eigh_descending, identity, polar_step, positions
 from .tucker import batch_fold, batch_mode_dot, batch_unfold
 
+CORE_OPTIMIZERS = ("adam", "adam_normalized", "sgd")   # the core's update; adam_normalized: adam_core_update
+
 
 @dataclass
 class RankBounds:

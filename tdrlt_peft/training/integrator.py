@@ -35,7 +35,7 @@ from ..math import engine
 from ..math.geometry import freeze_step, frozen, truncates
 from ..math.threads import single_threaded_linalg
 
-CORE_OPTIMIZERS = ("adam", "adam_normalized", "sgd")
+CORE_OPTIMIZERS = engine.CORE_OPTIMIZERS
 
 
 class TDLRTIntegrator:

@@ -8,6 +8,7 @@ from typing import Literal
 from peft.config import PeftConfig
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 
+from ..math.engine import CORE_OPTIMIZERS
 from .registration import PEFT_TYPE_NAME, peft_type
 
 # All linear layers of attention and feed-forward inside the encoder blocks (not the pooler / classifier),
@@ -129,8 +130,8 @@ class TuckerAdapterConfig(PeftConfig):
             raise bad("scale", "it must be > 0")
         if not 0 <= self.dropout < 1:
             raise bad("dropout", "it must satisfy 0 <= dropout < 1")
-        if self.core_optimizer not in ("adam", "adam_normalized", "sgd"):
-            raise bad("core_optimizer", "use 'adam', 'adam_normalized' or 'sgd'")
+        if self.core_optimizer not in CORE_OPTIMIZERS:
+            raise bad("core_optimizer", "use one of " + ", ".join(repr(name) for name in CORE_OPTIMIZERS))
         if not self.core_lr_factor > 0:
             raise bad("core_lr_factor", "it must be > 0")
         if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
