@@ -66,7 +66,7 @@ def parser() -> argparse.ArgumentParser:
     methods.add_argument("--tdlrt_scale", type=float, default=1.0, help="TDLRT output scale.")
     methods.add_argument("--tdlrt_truncation_interval", type=int, default=1, help=(
         "TDLRT: truncate by tau every N steps (and at the last); the steps between keep every augmented direction."))
-    methods.add_argument("--tdlrt_learning_rate", type=float, default=1e-3, help=(
+    methods.add_argument("--tdlrt_learning_rate", type=float, default=6e-4, help=(
         "Learning rate of the TDLRT step (tuned, see README; --learning_rate is the other methods')."))
     methods.add_argument("--tdlrt_config", nargs="+", default=[], metavar="FIELD=VALUE", help=(
         "Further TuckerAdapterConfig fields for TDLRT, e.g. r_min=2 core_optimizer=sgd (values as Python "
@@ -76,7 +76,7 @@ def parser() -> argparse.ArgumentParser:
         "that the UNet has."))
     train = p.add_argument_group("training")
     train.add_argument("--max_train_steps", type=int, default=100, help="Optimizer steps per run.")
-    train.add_argument("--learning_rate", type=float, default=9e-4, help=(
+    train.add_argument("--learning_rate", type=float, default=6e-4, help=(
         "Learning rate (constant) of LoRA, LoHa, LoKr (tuned for LoRA, see README)."))
     train.add_argument("--train_batch_size", type=int, default=2, help=(
         "Instance images per step (as many class images again with prior preservation)."))

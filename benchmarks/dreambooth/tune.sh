@@ -18,7 +18,7 @@ python -m benchmarks.dreambooth --method lora --lora_r 1 --max_train_steps 1 --s
 # shellcheck disable=SC2206
 COMMON=(--seeds ${SEEDS:-3 4 5 6 7 8} --validation_data_dir "$SUBJECT/tuning" --class_data_dir "$OUT/class_images"
         --prior_eval_data_dir "$OUT/class_images")
-for lr in ${LRS:-1e-3 3e-3}; do
+for lr in ${LRS:-4e-4 6e-4 1e-3}; do
   # shellcheck disable=SC2086
   python -m benchmarks.dreambooth --method tdlrt lora --lora_r ${RANKS:-2 8} --tau ${TAUS:-0.15 0.3 0.45} \
     --learning_rate "$lr" --tdlrt_learning_rate "$lr" \
