@@ -98,7 +98,7 @@ def bug_step(integrator: TDLRTIntegrator, lr: float | Tensor, closure: Callable[
     """
     model = integrator.model
     lr = lr * integrator.lr_factor
-    adam = None if integrator.core_optimizer == "sgd" else integrator.adam
+    adam = integrator.adam
     groups: list[AugmentedGroup] = []
     other_grads: dict[nn.Parameter, Tensor | None] = {}
     try:

@@ -78,8 +78,10 @@ class TDLRTIntegrator:
             raise ValueError(f"betas must lie in [0, 1), got {betas}.")
         self.model = model
         self.core_optimizer = core_optimizer
-        self.adam = {"betas": tuple(betas), "eps": eps, "weight_decay": weight_decay,
-                     "normalize": core_optimizer == "adam_normalized"}
+        # the core's Adam settings (engine.propose, bug.galerkin_proposal); None: the SGD core
+        self.adam = None if core_optimizer == "sgd" else {
+            "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay,
+            "normalize": core_optimizer == "adam_normalized"}
         self.lr_factor = lr_factor
         if grouping not in ("auto", *GROUPINGS):
             raise ValueError(f"grouping must be 'auto' or one of {GROUPINGS}, got {grouping!r}.")
@@ -221,7 +223,7 @@ class TDLRTIntegrator:
     def parallel_step(self, storages: list[LowRankStorage], lr: float | Tensor, also_check: list[Tensor] | None
                       ) -> Tensor:
         """The step's device work (what a CUDA graph captures): returns ``ok``."""
-        adam = None if self.core_optimizer == "sgd" else self.adam
+        adam = self.adam
         groups = self.groups(storages)
         gathered = [gather(part, with_moments=adam is not None, full=self.graph is not None) for part, _ in groups]
         # the stacked gradients hold every nonzero entry (past the step's widths they are zero)
