@@ -76,7 +76,7 @@ def adapter_tensors(model) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("grouping", ["shape", "padded"])
-@pytest.mark.parametrize("core_optimizer,lr", [("sgd", 1.0), ("adam", 0.1)])
+@pytest.mark.parametrize("core_optimizer,lr", [("sgd", 1.0), ("adam", 0.1), ("adam_factors", 0.1)])
 @pytest.mark.parametrize("factorize_spatial", [False, True])
 def test_batched_step_equals_per_adapter_step(core_optimizer, lr, factorize_spatial, grouping, monkeypatch):
     group_ranks = []

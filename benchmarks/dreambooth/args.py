@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from tdrlt_peft import TuckerAdapterConfig
+from tdrlt_peft.math.engine import CORE_OPTIMIZERS
 
 from . import RunnerError
 from .data import check_images
@@ -68,8 +69,11 @@ def parser() -> argparse.ArgumentParser:
         "TDLRT: truncate by tau every N steps (and at the last); the steps between keep every augmented direction."))
     methods.add_argument("--tdlrt_learning_rate", type=float, default=6e-4, help=(
         "Learning rate of the TDLRT step (tuned, see README; --learning_rate is the other methods')."))
+    methods.add_argument("--tdlrt_core_optimizer", choices=CORE_OPTIMIZERS, default="adam_factors", help=(
+        "TDLRT's core update (TuckerAdapterConfig.core_optimizer; adam_factors chosen on the tuning split, see "
+        "README)."))
     methods.add_argument("--tdlrt_config", nargs="+", default=[], metavar="FIELD=VALUE", help=(
-        "Further TuckerAdapterConfig fields for TDLRT, e.g. r_min=2 core_optimizer=sgd (values as Python "
+        "Further TuckerAdapterConfig fields for TDLRT, e.g. r_min=2 adam_betas=(0.9,0.99) (values as Python "
         "literals)."))
     methods.add_argument("--target_modules", nargs="+", default=None, help=(
         f"Modules to adapt (suffix match), for every method. Default: those of {' '.join(DEFAULT_TARGETS)} "
@@ -171,9 +175,10 @@ def validate(args: argparse.Namespace) -> argparse.Namespace:
 
 def tdlrt_config_fields(items: list[str]) -> dict:
     """``--tdlrt_config FIELD=VALUE ...`` as keyword arguments of TuckerAdapterConfig (the runner's own flags set
-    r, r_max, tau, scale, truncation_interval and target_modules)."""
+    r, r_max, tau, scale, truncation_interval, core_optimizer and target_modules)."""
     own = {"r": "--tdlrt_r", "r_max": "--tdlrt_r_max", "tau": "--tau", "scale": "--tdlrt_scale",
-           "truncation_interval": "--tdlrt_truncation_interval", "target_modules": "--target_modules"}
+           "truncation_interval": "--tdlrt_truncation_interval", "target_modules": "--target_modules",
+           "core_optimizer": "--tdlrt_core_optimizer"}
     names = {f.name for f in dataclasses.fields(TuckerAdapterConfig)} - set(own)
     fields = {}
     for item in items:

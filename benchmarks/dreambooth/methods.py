@@ -44,7 +44,7 @@ def _tdlrt(tau: float, unet, targets, args) -> Adapted:
     config = tdrlt_peft.TuckerAdapterConfig(r=args.tdlrt_r, r_max=args.tdlrt_r_max, tau=tau,
                                             scale=args.tdlrt_scale, target_modules=list(targets),
                                             truncation_interval=args.tdlrt_truncation_interval,
-                                            **args.tdlrt_config)
+                                            core_optimizer=args.tdlrt_core_optimizer, **args.tdlrt_config)
     model = get_peft_model(unet, config)
     lr = args.tdlrt_learning_rate if args.tdlrt_learning_rate is not None else args.learning_rate
     optimizer = tdrlt_peft.TDLRTOptimizer(model, lr=lr, weight_decay=1e-2, total_steps=args.max_train_steps)

@@ -31,7 +31,8 @@ from .masks import block_mask, column_mask, fit_columns, shift_matrix
 from .orth import complement_basis, complement_gram, eigh_descending, identity, polar_step, positions
 from .tucker import batch_fold, batch_mode_dot, batch_unfold
 
-CORE_OPTIMIZERS = ("adam", "adam_normalized", "sgd")   # the core's update; adam_normalized: adam_core_update
+# the core's update; adam_normalized: adam_core_update; adam_factors: factor_direction
+CORE_OPTIMIZERS = ("adam", "adam_normalized", "adam_factors", "sgd")
 
 
 @dataclass
@@ -195,11 +196,24 @@ def propose(group: Group, core_grad: Tensor, k_grads: list[Tensor | None], lr: f
         direction, moments = adam_direction(grad_hat, pad_core_moments(group.moments, old), adam["betas"],
                                             adam["eps"])
         if k_buffer is not None:
-            # the new blocks from the preconditioned K-gradients (adam.py), the old block from the core's Adam
+            # the new blocks from the preconditioned K-gradients (adam.py); the old block from the core's Adam, or
+            # with adam["factors"] from the same K-directions (factor_direction)
+            if adam.get("factors"):
+                direction = factor_direction(group, k_dirs, qs)
             direction = augmented_gradient(direction * old, k_dirs, new, qs, shifts)
         core_hat = adam_core_update(group.core, direction, augmented, lr, adam)
     bases = [None if U is None else torch.baddbmm(U, N, S) for U, N, S in zip(group.factors, new, shifts)]
     return truncation_proposal(group, bases, core_hat, augmented, bounds, moments, qs, k_buffer)
+
+
+def factor_direction(group: Group, k_dirs: list[Tensor | None], qs: list[Tensor | None]) -> Tensor:
+    """The old block's Adam direction from the factors: ``Σ_i Ten_i(U_i^T D_Ki Q_i^T)`` for the Adam directions
+    ``D_Ki`` of the K-gradients, the move of the core that the factor steps ``K_i <- K_i - lr D_Ki`` make in the
+    current basis. With the new blocks (``augmented_gradient``), the weight then moves by
+    ``-lr Σ_i Ten_i(D_Ki Q_i^T (kron_{j != i} U_j)^T)`` before the truncation: a matrix by ``-lr (D_K V^T + U D_L^T)``,
+    LoRA's ``ΔB A + B ΔA`` in orthonormal coordinates, where the core's own Adam moves each core entry by about lr."""
+    eyes = [None if U is None else identity(U.shape[-1], U).expand(U.shape[0], -1, -1) for U in group.factors]
+    return augmented_gradient(torch.zeros_like(group.core), k_dirs, group.factors, qs, eyes)
 
 
 def adam_core_update(core: Tensor, direction: Tensor, ranks: Tensor, lr: float | Tensor, adam: dict) -> Tensor:
