@@ -40,7 +40,7 @@ def test_meta_device_really_refuses_host_reads():
 
 @pytest.mark.parametrize("target_params", [None, 300])   # 300: budget mode (layers/budget.py)
 @pytest.mark.parametrize("grouping", ["shape", "padded"])
-@pytest.mark.parametrize("core_optimizer", ["adam", "sgd"])
+@pytest.mark.parametrize("core_optimizer", ["adam", "adam_factors", "sgd"])
 @pytest.mark.parametrize("factorize_spatial", [False, True])
 def test_integrator_step_has_no_host_read(core_optimizer, factorize_spatial, grouping, target_params):
     model = meta_model(factorize_spatial, target_params)

@@ -165,7 +165,7 @@ def test_rank_recorder_counts_late_changes(tmp_path):
 
 
 @pytest.mark.parametrize("grouping", ["adapter", "shape", "padded"])
-@pytest.mark.parametrize("core_optimizer", ["sgd", "adam"])
+@pytest.mark.parametrize("core_optimizer", ["sgd", "adam", "adam_factors"])
 @pytest.mark.parametrize("budget", [False, True])
 def test_step_of_learning_rate_zero_keeps_ranks_and_weights(grouping, core_optimizer, budget):
     """The Trainer's linear warm-up makes the first optimizer step one of learning rate 0. From fresh adapters

