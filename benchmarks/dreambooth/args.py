@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from tdrlt_peft import TuckerAdapterConfig
-from tdrlt_peft.math.engine import CORE_OPTIMIZERS
+from tdrlt_peft.math.engine import CORE_OPTIMIZERS, DEFAULT_CORE_OPTIMIZER
 
 from . import RunnerError
 from .data import check_images
@@ -69,7 +69,7 @@ def parser() -> argparse.ArgumentParser:
         "TDLRT: truncate by tau every N steps (and at the last); the steps between keep every augmented direction."))
     methods.add_argument("--tdlrt_learning_rate", type=float, default=6e-4, help=(
         "Learning rate of the TDLRT step (tuned, see README; --learning_rate is the other methods')."))
-    methods.add_argument("--tdlrt_core_optimizer", choices=CORE_OPTIMIZERS, default="adam_factors", help=(
+    methods.add_argument("--tdlrt_core_optimizer", choices=CORE_OPTIMIZERS, default=DEFAULT_CORE_OPTIMIZER, help=(
         "TDLRT's core update (TuckerAdapterConfig.core_optimizer; adam_factors chosen on the tuning split, see "
         "README)."))
     methods.add_argument("--tdlrt_config", nargs="+", default=[], metavar="FIELD=VALUE", help=(

@@ -33,6 +33,7 @@ from .tucker import batch_fold, batch_mode_dot, batch_unfold
 
 # the core's update; adam_normalized: adam_core_update; adam_factors: factor_direction
 CORE_OPTIMIZERS = ("adam", "adam_normalized", "adam_factors", "sgd")
+DEFAULT_CORE_OPTIMIZER = "adam_factors"     # the config's, the integrator's and the optimizer's default
 
 
 @dataclass
@@ -112,8 +113,9 @@ def row_space_bases(core: Tensor, ranks: Tensor, factored: list[bool], matrix: b
 
 
 def augmented_gradient(core_grad: Tensor, k_grads: list[Tensor | None], new: list[Tensor | None],
-                       qs: list[Tensor | None], shifts: list[Tensor | None]) -> Tensor:
-    """Ĝ of step 2 in the compact coordinates: ``G_C + Σ_i Ten_i(Ũ_i^T G_Ki Q_i^T) x_i Σ_i^T``."""
+                       qs: list[Tensor | None], shifts: list[Tensor | None] | None) -> Tensor:
+    """Ĝ of step 2 in the compact coordinates: ``G_C + Σ_i Ten_i(Ũ_i^T G_Ki Q_i^T) x_i Σ_i^T`` (``shifts`` None:
+    ``Σ_i = I``)."""
     shape = list(core_grad.shape[1:])
     grad = core_grad
     for i, (G_K, U_new) in enumerate(zip(k_grads, new)):
@@ -124,7 +126,8 @@ def augmented_gradient(core_grad: Tensor, k_grads: list[Tensor | None], new: lis
             coeff = coeff[..., : qs[i].shape[-1]] @ qs[i].mT                # (B, R_i, prod_{j != i} R_j)
         else:
             coeff = fit_columns(coeff, shape[1 - i])                        # matrix: the other side's width
-        grad = grad + batch_mode_dot(batch_fold(coeff, i, shape), shifts[i].mT, i)
+        folded = batch_fold(coeff, i, shape)
+        grad = grad + (folded if shifts is None else batch_mode_dot(folded, shifts[i].mT, i))
     return grad
 
 
@@ -212,8 +215,7 @@ def factor_direction(group: Group, k_dirs: list[Tensor | None], qs: list[Tensor 
     current basis. With the new blocks (``augmented_gradient``), the weight then moves by
     ``-lr Σ_i Ten_i(D_Ki Q_i^T (kron_{j != i} U_j)^T)`` before the truncation: a matrix by ``-lr (D_K V^T + U D_L^T)``,
     LoRA's ``ΔB A + B ΔA`` in orthonormal coordinates, where the core's own Adam moves each core entry by about lr."""
-    eyes = [None if U is None else identity(U.shape[-1], U).expand(U.shape[0], -1, -1) for U in group.factors]
-    return augmented_gradient(torch.zeros_like(group.core), k_dirs, group.factors, qs, eyes)
+    return augmented_gradient(torch.zeros_like(group.core), k_dirs, group.factors, qs, None)
 
 
 def adam_core_update(core: Tensor, direction: Tensor, ranks: Tensor, lr: float | Tensor, adam: dict) -> Tensor:

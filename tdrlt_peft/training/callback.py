@@ -16,7 +16,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from ..layers import rank_mirror
 from ..layers.inventory import adapter_ranks, iter_storages, rank_statistics
 from .checkpoint import mark_complete
-from .integrator import TDLRTIntegrator
+from .integrator import DEFAULT_CORE_OPTIMIZER, TDLRTIntegrator
 
 
 class TDLRTCallback(TrainerCallback):
@@ -50,7 +50,7 @@ class TDLRTCallback(TrainerCallback):
                              "`model = get_peft_model(model, TuckerAdapterConfig(...))`.")
         config = _active_config(model)
         self.integrator = TDLRTIntegrator(
-            model, core_optimizer=getattr(config, "core_optimizer", "adam_factors"),
+            model, core_optimizer=getattr(config, "core_optimizer", DEFAULT_CORE_OPTIMIZER),
             betas=tuple(getattr(config, "adam_betas", (0.9, 0.999))), eps=getattr(config, "adam_eps", 1e-8),
             weight_decay=getattr(config, "core_weight_decay", 0.0),
             lr_factor=getattr(config, "core_lr_factor", 1.0) * self.lr_factor, cuda_graph=self.cuda_graph,

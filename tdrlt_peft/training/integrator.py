@@ -36,6 +36,7 @@ from ..math.geometry import freeze_step, frozen, truncates
 from ..math.threads import single_threaded_linalg
 
 CORE_OPTIMIZERS = engine.CORE_OPTIMIZERS
+DEFAULT_CORE_OPTIMIZER = engine.DEFAULT_CORE_OPTIMIZER
 
 
 class TDLRTIntegrator:
@@ -72,7 +73,7 @@ class TDLRTIntegrator:
     """
 
     def __init__(self, model: nn.Module,
-                 core_optimizer: Literal["adam", "adam_normalized", "adam_factors", "sgd"] = "adam_factors",
+                 core_optimizer: Literal["adam", "adam_normalized", "adam_factors", "sgd"] = DEFAULT_CORE_OPTIMIZER,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
                  lr_factor: float = 1.0, batched: bool = True, cuda_graph: bool = False,
                  grouping: str = "auto", truncation_interval: int = 1):

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .integrator import TDLRTIntegrator
+from .integrator import DEFAULT_CORE_OPTIMIZER, TDLRTIntegrator
 
 CONSUMED_MESSAGE = (
     "TDLRTOptimizer.step(): the adapter gradients of the last backward were consumed or cleared before this step "
@@ -228,7 +228,7 @@ def _integrator_for(config, model: nn.Module, core_optimizer, betas, eps, weight
         return value if value is not None else getattr(config, name, default)
 
     return TDLRTIntegrator(
-        model, core_optimizer=pick(core_optimizer, "core_optimizer", "adam_factors"),
+        model, core_optimizer=pick(core_optimizer, "core_optimizer", DEFAULT_CORE_OPTIMIZER),
         betas=tuple(pick(betas, "adam_betas", (0.9, 0.999))), eps=pick(eps, "adam_eps", 1e-8),
         weight_decay=pick(weight_decay, "core_weight_decay", 0.0),
         lr_factor=pick(lr_factor, "core_lr_factor", 1.0),

@@ -8,7 +8,7 @@ from typing import Literal
 from peft.config import PeftConfig
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 
-from ..math.engine import CORE_OPTIMIZERS
+from ..math.engine import CORE_OPTIMIZERS, DEFAULT_CORE_OPTIMIZER
 from .registration import PEFT_TYPE_NAME, peft_type
 
 # All linear layers of attention and feed-forward inside the encoder blocks (not the pooler / classifier),
@@ -62,7 +62,7 @@ class TuckerAdapterConfig(PeftConfig):
                 "output jump). With the Adam core it multiplies the adapters' step size (about lr * scale)."})
     dropout: float = field(default=0.0, metadata={"help": "Dropout probability on the adapter input."})
     core_optimizer: Literal["adam", "adam_normalized", "adam_factors", "sgd"] = field(
-        default="adam_factors", metadata={
+        default=DEFAULT_CORE_OPTIMIZER, metadata={
             "help": "Update of the core in the augmented basis: 'adam_factors' (Adam, the kept directions moved "
                     "along the factors' Adam directions, as LoRA's B and A are; the two-pass step takes 'adam''s), "
                     "'adam' (Adam on the core, state transported across basis changes: each core entry moves by "
