@@ -21,6 +21,7 @@ from ..math.engine import RankBounds
 from ..math.geometry import compute_dtype, in_manifold, orthonormalize, random_orthonormal
 from ..math.tucker import mode_dot
 from .functional import lowrank_linear
+from .inventory import layer_created
 from .rank_mirror import refresh as refresh_widths
 from .scaling import AdapterScaling
 from .storage import LowRankStorage, ParameterBudget, factor_moment_shape, factor_moment_views
@@ -44,6 +45,7 @@ class TDLRTLayer(AdapterScaling, nn.Module, BaseTunerLayer):
 
     def __init__(self, base_layer: nn.Module, **kwargs) -> None:
         super().__init__()
+        layer_created()
         self.base_layer = base_layer
         base = self.get_base_layer()
         # PEFT's layers expose the base layer's sizes (convolutions: in_channels / out_channels, see conv.py)

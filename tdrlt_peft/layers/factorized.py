@@ -38,6 +38,7 @@ from .conv_functional import (
     tucker_conv_autograd,
 )
 from .functional import lowrank_linear
+from .inventory import layer_created
 from .rank_mirror import refresh as refresh_widths
 from .storage import LowRankStorage, ParameterBudget, factor_moment_shape, factor_moment_views
 from .tracker import StepTracker
@@ -57,6 +58,7 @@ class FactorizedLayer(nn.Module):
                  train_with: TrainWith) -> None:
         """``core`` (r_1, ..., r_d) and ``factors[i]`` (n_i, r_i) or None: the initial active tensors."""
         super().__init__()
+        layer_created()
         if train_with not in ("integrator", "optimizer"):
             raise ValueError(f"train_with must be 'integrator' or 'optimizer', got {train_with!r}.")
         self.train_with = train_with

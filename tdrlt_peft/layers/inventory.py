@@ -2,19 +2,54 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator
 
 from torch import nn
 
 from .storage import LowRankStorage
 
+# Walking a model's module tree costs milliseconds of Python per call (a UNet: ~5 ms), and the step, the rank
+# logging and the parameter count each ask for the adapters every step. So the walk is cached per model and
+# reused while (1) no TDLRT layer was created since (``layer_created``, called by every layer's __init__) and
+# (2) every module on the path from the model to each cached layer is still where it was (one dict lookup per
+# link: a layer unloaded, replaced or moved out of the tree is noticed).
+_created = [0]
+_walks: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def layer_created() -> None:
+    _created[0] += 1
+
+
+def adapter_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(name, module)`` of every module of ``model`` with adapters (``tdlrt_storages``), in ``named_modules``
+    order."""
+    cached = _walks.get(model)
+    if cached is not None and cached[0] == _created[0] and all(p._modules.get(k) is c for p, k, c in cached[2]):
+        return cached[1]
+    found: list[tuple[str, nn.Module]] = []
+    links: set[tuple[nn.Module, str, nn.Module]] = set()
+    path: dict[nn.Module, tuple[nn.Module, str] | None] = {model: None}   # each module's first parent link
+    for name, module in model.named_modules():
+        for key, child in module._modules.items():
+            if child is not None and child not in path:
+                path[child] = (module, key)
+        if hasattr(type(module), "tdlrt_storages"):
+            found.append((name, module))
+            node = module
+            while path[node] is not None:
+                parent, key = path[node]
+                links.add((parent, key, node))
+                node = parent
+    _walks[model] = (_created[0], found, list(links))
+    return found
+
 
 def iter_storages(model: nn.Module, adapter_name: str | None = None) -> Iterator[LowRankStorage]:
     """Every low-rank adapter of ``model`` (active adapters only, unless ``adapter_name`` names one)."""
-    for module_name, module in model.named_modules():
-        storages = getattr(module, "tdlrt_storages", None)
-        if callable(storages):
-            yield from storages(module_name, adapter_name)
+    for module_name, module in adapter_modules(model):
+        yield from module.tdlrt_storages(module_name, adapter_name)
 
 
 def adapter_ranks(model: nn.Module, adapter_name: str | None = None) -> dict[str, tuple[int, ...]]:
