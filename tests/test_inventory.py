@@ -1,5 +1,7 @@
 """The cached adapter walk (``layers/inventory.py``): reused while the tree holds, redone when it changes."""
 
+import copy
+
 import pytest
 import torch
 from peft import get_peft_model
@@ -77,6 +79,13 @@ def test_a_new_adapter_layer_is_found(model):
     model.add_adapter("second", tdrlt_peft.TuckerAdapterConfig(r=2, target_modules=["c"]))
     assert names(model) == walked(model) and len(names(model)) == 5
     assert [s.name for s in iter_storages(model, "second")] == [n for n in names(model) if n.endswith(".c")]
+
+
+def test_a_deep_copied_block_is_found(model):
+    names(model)
+    blocks = model.base_model.model.blocks
+    blocks.append(copy.deepcopy(blocks[0]))                # no layer __init__ runs: __setstate__ counts it
+    assert names(model) == walked(model) and len(names(model)) == 6
 
 
 def test_the_integrator_steps_only_the_adapters_in_the_model(model):

@@ -43,6 +43,10 @@ class TDLRTLayer(AdapterScaling, nn.Module, BaseTunerLayer):
                          "tdlrt_bounds", "tdlrt_budget")
     matrix = True
 
+    def __setstate__(self, state) -> None:
+        super().__setstate__(state)
+        layer_created()            # a deep copy or an unpickled layer is a new layer too (inventory.py)
+
     def __init__(self, base_layer: nn.Module, **kwargs) -> None:
         super().__init__()
         layer_created()

@@ -54,6 +54,10 @@ class FactorizedLayer(nn.Module):
 
     matrix: bool = False
 
+    def __setstate__(self, state) -> None:
+        super().__setstate__(state)
+        layer_created()            # a deep copy or an unpickled layer is a new layer too (inventory.py)
+
     def __init__(self, core: Tensor, factors: list[Tensor | None], bias: Tensor | None, bounds: RankBounds,
                  train_with: TrainWith) -> None:
         """``core`` (r_1, ..., r_d) and ``factors[i]`` (n_i, r_i) or None: the initial active tensors."""

@@ -11,7 +11,8 @@ from .storage import LowRankStorage
 
 # Walking a model's module tree costs milliseconds of Python per call (a UNet: ~5 ms), and the step, the rank
 # logging and the parameter count each ask for the adapters every step. So the walk is cached per model and
-# reused while (1) no TDLRT layer was created since (``layer_created``, called by every layer's __init__) and
+# reused while (1) no TDLRT layer was created since (``layer_created``, called by every layer's __init__ and
+# __setstate__: deep copies and unpickled layers count) and
 # (2) every module on the path from the model to each cached layer is still where it was (one dict lookup per
 # link: a layer unloaded, replaced or moved out of the tree is noticed). Not noticed: an existing layer moved
 # into the tree from elsewhere without any layer being created since the last walk.
