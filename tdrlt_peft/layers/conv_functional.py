@@ -224,14 +224,14 @@ def tucker_conv_autograd(x: Tensor, core: Tensor, factors: list[Tensor | None], 
 class MatrixConvFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, U: Tensor, S: Tensor, V: Tensor, r: int, kernel_size: tuple[int, ...],
-                geometry: ConvGeometry, tracker: StepTracker | None) -> Tensor:
+                geometry: ConvGeometry, tracker: StepTracker | None, scale: float) -> Tensor:
         # U: (out, R_out), S: (R_out, R_in), V: (in * prod k, R_in)
         U_r, S_r, V_r = U[:, :r], S[:r, :r], V[:, :r]
         kernel = V_r.T.reshape(r, x.shape[1], *kernel_size)      # Ten(V^T): (r, in, *k)
         a = geometry.conv(x, kernel)                             # (B, r, *S')
         ctx.save_for_backward(x, a, U, S, V)
-        ctx.r, ctx.kernel_size, ctx.geometry, ctx.tracker = r, kernel_size, geometry, tracker
-        return channel_mix(a, U_r @ S_r)                         # (B, out, *S')
+        ctx.r, ctx.kernel_size, ctx.geometry, ctx.tracker, ctx.scale = r, kernel_size, geometry, tracker, scale
+        return channel_mix(a, U_r @ (scale * S_r))               # (B, out, *S'); the scale on the r x r core
 
     @staticmethod
     def backward(ctx, dy: Tensor):
@@ -239,9 +239,9 @@ class MatrixConvFunction(torch.autograd.Function):
         x_dtype, x, a = x.dtype, x.to(U.dtype), a.to(U.dtype)      # autocast: see TuckerConvFunction.backward
         r, geometry = ctx.r, ctx.geometry
         U_r, S_r, V_r = U[:, :r], S[:r, :r], V[:, :r]
-        delta = dy.to(U.dtype)                                   # (B, out, *S')
-        delta_U = channel_mix(delta, U_r.T)                      # U^T δ: (B, r, *S')
-        G_K = channel_gram(delta, a)                             # G V (out, r)
+        dy = dy.to(U.dtype)                                      # (B, out, *S'); δ = scale * dy is never formed
+        delta_U = channel_mix(dy, U_r.T * ctx.scale)             # U^T δ: (B, r, *S')
+        G_K = channel_gram(dy, a) * ctx.scale                    # G V (out, r)
         G_S = channel_gram(delta_U, a)                           # U^T G V (r, r)
         kernel_shape = [r, x.shape[1], *ctx.kernel_size]
         G_L = geometry.weight_grad(x, kernel_shape, delta_U).reshape(r, -1).T   # G^T U (in * prod k, r)
@@ -252,13 +252,14 @@ class MatrixConvFunction(torch.autograd.Function):
         if ctx.tracker is not None:
             ctx.tracker.after_backward(U)
         return (dx, _grad_at_storage(U, G_K), _grad_at_storage(S, G_S), _grad_at_storage(V, G_L),
-                None, None, None, None)
+                None, None, None, None, None)
 
 
 def matrix_conv(x: Tensor, U: Tensor, S: Tensor, V: Tensor, r: int, kernel_size: tuple[int, ...],
-                geometry: ConvGeometry, tracker: StepTracker | None = None) -> Tensor:
-    """``conv(x, Ten(U_r S_r V_r^T))`` (kernel reshaped to a matrix) with the DLRT backward (module docstring)."""
-    return MatrixConvFunction.apply(x, U, S, V, r, tuple(kernel_size), geometry, tracker)
+                geometry: ConvGeometry, tracker: StepTracker | None = None, scale: float = 1.0) -> Tensor:
+    """``conv(x, Ten(scale * U_r S_r V_r^T))`` (kernel reshaped to a matrix) with the DLRT backward (module
+    docstring)."""
+    return MatrixConvFunction.apply(x, U, S, V, r, tuple(kernel_size), geometry, tracker, scale)
 
 
 def matrix_conv_autograd(x: Tensor, U: Tensor, S: Tensor, V: Tensor, kernel_size: tuple[int, ...],

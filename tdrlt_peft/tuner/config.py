@@ -76,6 +76,10 @@ class TuckerAdapterConfig(PeftConfig):
     core_weight_decay: float = field(default=0.0, metadata={"help": "Decoupled weight decay of the core."})
     factorize_spatial: bool = field(default=False, metadata={
         "help": "Convolutions: also factorize (and rank-adapt) the kernel's spatial modes."})
+    conv_layout: Literal["tucker", "matrix"] = field(default="tucker", metadata={
+        "help": "Convolutions: 'tucker' (a Tucker tensor C x_1 U_1 x_2 U_2 of the kernel, a rank per channel mode) "
+                "or 'matrix' (U S V^T of the kernel's (out, in * prod k) reshape, one rank, LoRA's layout on "
+                "convolutions; not with factorize_spatial)."})
     target_modules: list[str] | str | None = field(default=None, metadata={
         "help": "Module names (suffix match) or a regex of the modules to adapt. Default: all attention and "
                 "feed-forward linears for DeBERTa-v2/v3, BERT, RoBERTa; PEFT's LoRA defaults otherwise."})
@@ -143,6 +147,11 @@ class TuckerAdapterConfig(PeftConfig):
             raise bad("adam_eps", "it must be > 0")
         if self.core_weight_decay < 0:
             raise bad("core_weight_decay", "it must be >= 0")
+        if self.conv_layout not in ("tucker", "matrix"):
+            raise bad("conv_layout", "use 'tucker' or 'matrix'")
+        if self.conv_layout == "matrix" and self.factorize_spatial:
+            raise bad("conv_layout", "the matrix layout keeps the spatial modes in the matrix; it cannot be "
+                      "combined with factorize_spatial=True (set one of them)")
         if self.bias not in ("none", "all"):
             raise bad("bias", "use 'none' or 'all'")
         if self.target_parameters:

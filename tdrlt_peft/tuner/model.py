@@ -44,7 +44,8 @@ class TDLRTModel(BaseTuner):
         kwargs = dict(r=r if isinstance(r, int) else max(r), r_min=config.r_min, r_max=config.r_max,
                       tau=config.tau, absolute_tau=config.absolute_tau, scale=config.scale,
                       dropout=config.dropout, inference_mode=config.inference_mode,
-                      factorize_spatial=config.factorize_spatial, target_params=config.target_params)
+                      factorize_spatial=config.factorize_spatial, conv_layout=config.conv_layout,
+                      target_params=config.target_params)
         if isinstance(target, TDLRTLayer):
             target.update_layer(adapter_name, **kwargs)
             return
