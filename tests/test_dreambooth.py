@@ -113,14 +113,16 @@ def test_diffusers_scale_api_follows_lora_semantics():
     assert not torch.allclose(half, full) and not torch.allclose(half, base)
 
 
+@pytest.mark.parametrize("conv_layout", ["tucker", "matrix"])
 @pytest.mark.parametrize("how", ["merge_and_unload", "fuse_lora"])
-def test_forward_equals_the_merged_dense_model_float64(how):
+def test_forward_equals_the_merged_dense_model_float64(how, conv_layout):
     unet = tiny_unet(F64)
     if how == "merge_and_unload":
-        model = get_peft_model(unet, config())
+        model = get_peft_model(unet, config(conv_layout=conv_layout))
     else:
-        unet.add_adapter(config())
+        unet.add_adapter(config(conv_layout=conv_layout))
         model = unet
+    assert {m.matrix for m in layers(model).values() if isinstance(m, Conv)} == {conv_layout == "matrix"}
     train(model)
     sample, timesteps, context = inputs(F64, seed=5)
     with torch.no_grad():
