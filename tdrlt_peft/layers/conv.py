@@ -96,7 +96,8 @@ class Conv(TDLRTLayer):
 
 def check_layout(conv_layout: str, factorize_spatial: bool) -> None:
     if conv_layout not in CONV_LAYOUTS:
-        raise ValueError(f"TDLRT: conv_layout={conv_layout!r} is invalid: use 'tucker' or 'matrix'.")
+        raise ValueError(f"TDLRT: conv_layout={conv_layout!r} is invalid: use "
+                         + " or ".join(repr(name) for name in CONV_LAYOUTS) + ".")
     if conv_layout == "matrix" and factorize_spatial:
         raise ValueError("TDLRT: factorize_spatial=True needs conv_layout='tucker' (the matrix layout keeps the "
                          "kernel's spatial modes inside the (out, in * prod k) matrix); set one of them.")

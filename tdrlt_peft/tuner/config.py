@@ -8,6 +8,7 @@ from typing import Literal
 from peft.config import PeftConfig
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 
+from ..layers.conv import CONV_LAYOUTS
 from ..math.engine import CORE_OPTIMIZERS, DEFAULT_CORE_OPTIMIZER
 from .registration import PEFT_TYPE_NAME, peft_type
 
@@ -147,8 +148,8 @@ class TuckerAdapterConfig(PeftConfig):
             raise bad("adam_eps", "it must be > 0")
         if self.core_weight_decay < 0:
             raise bad("core_weight_decay", "it must be >= 0")
-        if self.conv_layout not in ("tucker", "matrix"):
-            raise bad("conv_layout", "use 'tucker' or 'matrix'")
+        if self.conv_layout not in CONV_LAYOUTS:
+            raise bad("conv_layout", "use " + " or ".join(repr(name) for name in CONV_LAYOUTS))
         if self.conv_layout == "matrix" and self.factorize_spatial:
             raise bad("conv_layout", "the matrix layout keeps the spatial modes in the matrix; it cannot be "
                       "combined with factorize_spatial=True (set one of them)")
